@@ -1,0 +1,122 @@
+"""The ``reference`` and ``sdpa`` implementations of every pvt_fast op, in plain PyTorch.
+
+``reference`` repeats the official whai362/PVT forward op for op (including its layout copies), so
+it is the equivalence target. ``sdpa`` computes the same math without the copies: a ``(B, N, C)``
+token tensor viewed as ``(B, H, W, C)`` and permuted is already a channels-last NCHW tensor, which
+PyTorch's convolutions take and return without a transpose, and attention goes through
+``scaled_dot_product_attention`` on strided head views.
+
+Signatures (shared with the fused ops):
+- ``patch_embed(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, layout)`` -> ``(tokens, H, W)``;
+  ``layout`` is ``"nchw"`` for an image ``(B, C, H, W)`` or ``"nhwc"`` for a token grid ``(B, H, W, C)``.
+- ``reduce_kv(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps)`` -> ``(B, M, C)``: the sr x sr
+  strided conv + LayerNorm of spatial-reduction attention.
+- ``reduce_kv_linear(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps)`` -> ``(B, 49, C)``:
+  v2-li's AdaptiveAvgPool2d(7) -> 1x1 conv -> LayerNorm -> GELU.
+- ``attention(q, kv, num_heads, scale, dropout_p)`` -> ``(B, N, C)``: ``q`` is ``(B, N, C)``, ``kv`` is
+  ``(B, M, 2C)`` with K in the first C columns, heads ``d = C // num_heads`` columns wide.
+- ``dwconv_gelu(x, H, W, weight, bias, relu_prologue)`` -> ``(B, N, hidden)``: GELU(dwconv3x3(x)), with
+  a ReLU applied to ``x`` first when ``relu_prologue``.
+"""
+import torch.nn.functional as F
+
+
+def _layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _grid_view(x, H, W):
+    """(B, H*W, C) tokens as a channels-last (B, C, H, W) view (no copy)."""
+    B, N, C = x.shape
+    return x.reshape(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def _tokens(y):
+    """(B, C, H, W) map as (B, H*W, C) tokens; free when ``y`` is channels-last."""
+    B, C = y.shape[:2]
+    return y.permute(0, 2, 3, 1).reshape(B, -1, C)
+
+
+# reference: the official op order and copies ------------------------------------------------------
+
+
+def patch_embed_reference(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, layout):
+    if layout == "nhwc":
+        x = x.permute(0, 3, 1, 2).contiguous()
+    y = F.conv2d(x, weight, bias, stride, padding)
+    H, W = y.shape[-2:]
+    return _layer_norm(y.flatten(2).transpose(1, 2), norm_weight, norm_bias, eps), H, W
+
+
+def reduce_kv_reference(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
+    B, N, C = x.shape
+    x_ = x.permute(0, 2, 1).reshape(B, C, H, W)
+    x_ = F.conv2d(x_, sr_weight, sr_bias, stride=sr_weight.shape[-1]).reshape(B, C, -1).permute(0, 2, 1)
+    return _layer_norm(x_, norm_weight, norm_bias, eps)
+
+
+def reduce_kv_linear_reference(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
+    B, N, C = x.shape
+    x_ = x.permute(0, 2, 1).reshape(B, C, H, W)
+    x_ = F.conv2d(F.adaptive_avg_pool2d(x_, 7), sr_weight, sr_bias).reshape(B, C, -1).permute(0, 2, 1)
+    return F.gelu(_layer_norm(x_, norm_weight, norm_bias, eps))
+
+
+def attention_reference(q, kv, num_heads, scale, dropout_p=0.0):
+    B, N, C = q.shape
+    q = q.reshape(B, N, num_heads, C // num_heads).permute(0, 2, 1, 3)
+    kv = kv.reshape(B, -1, 2, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    k, v = kv[0], kv[1]
+    attn = (q @ k.transpose(-2, -1)) * scale
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, dropout_p, training=True)
+    return (attn @ v).transpose(1, 2).reshape(B, N, C)
+
+
+def dwconv_gelu_reference(x, H, W, weight, bias, relu_prologue):
+    if relu_prologue:
+        x = F.relu(x)
+    B, N, C = x.shape
+    y = F.conv2d(x.transpose(1, 2).view(B, C, H, W), weight, bias, padding=1, groups=C)
+    return F.gelu(y.flatten(2).transpose(1, 2))
+
+
+# sdpa: the same math on views ----------------------------------------------------------------------
+
+
+def patch_embed_sdpa(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, layout):
+    if layout == "nhwc":
+        x = x.permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias, stride, padding)
+    H, W = y.shape[-2:]
+    return _layer_norm(_tokens(y), norm_weight, norm_bias, eps), H, W
+
+
+def reduce_kv_sdpa(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
+    y = F.conv2d(_grid_view(x, H, W), sr_weight, sr_bias, stride=sr_weight.shape[-1])
+    return _layer_norm(_tokens(y), norm_weight, norm_bias, eps)
+
+
+def reduce_kv_linear_sdpa(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
+    pooled = _tokens(F.adaptive_avg_pool2d(_grid_view(x, H, W), 7))
+    y = F.linear(pooled, sr_weight.flatten(1), sr_bias)
+    return F.gelu(_layer_norm(y, norm_weight, norm_bias, eps))
+
+
+def attention_sdpa(q, kv, num_heads, scale, dropout_p=0.0):
+    B, N, C = q.shape
+    d = C // num_heads
+    q = q.reshape(B, N, num_heads, d).transpose(1, 2)
+    kv = kv.reshape(B, -1, 2, num_heads, d)
+    k = kv[:, :, 0].transpose(1, 2)
+    v = kv[:, :, 1].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return o.transpose(1, 2).reshape(B, N, C)
+
+
+def dwconv_gelu_sdpa(x, H, W, weight, bias, relu_prologue):
+    if relu_prologue:
+        x = F.relu(x)
+    y = F.conv2d(_grid_view(x, H, W), weight, bias, padding=1, groups=x.shape[-1])
+    return F.gelu(_tokens(y))
