@@ -171,6 +171,12 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+def drop_path_rates(drop_path_rate, depths):
+    """Stochastic-depth rate of every block, rising linearly to ``drop_path_rate`` (computed on the CPU,
+    so models can be built under ``torch.device("meta")``)."""
+    return torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+
+
 def scaled_size(img_size, divisor):
     """The official ``img_size // divisor`` for an int or an (H, W) pair."""
     return tuple(s // divisor for s in _pair(img_size))
@@ -186,5 +192,5 @@ def run_blocks(blocks, x, H, W, checkpointing):
     return x
 
 
-__all__ = ["Attention", "Block", "DWConv", "DropPath", "Mlp", "PatchEmbed", "run_blocks", "official_init",
-           "scaled_size"]
+__all__ = ["Attention", "Block", "DWConv", "DropPath", "Mlp", "PatchEmbed", "drop_path_rates", "run_blocks",
+           "official_init", "scaled_size"]

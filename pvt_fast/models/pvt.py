@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pvt_fast.models.base import PyramidBase
-from pvt_fast.models.layers import Block, PatchEmbed, official_init, run_blocks, scaled_size
+from pvt_fast.models.layers import (Block, PatchEmbed, drop_path_rates, official_init, run_blocks,
+                                     scaled_size)
 
 
 class PyramidVisionTransformer(PyramidBase):
@@ -24,7 +25,7 @@ class PyramidVisionTransformer(PyramidBase):
                  sr_ratios=(8, 4, 2, 1), num_stages=4, *, backend="auto", out_indices=None):
         super().__init__()
         self._setup(backend, num_classes, depths, num_stages, embed_dims, in_chans, out_indices)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        dpr = drop_path_rates(drop_path_rate, depths)
         cur = 0
         for i in range(num_stages):
             first = i == 0

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from pvt_fast.models.base import PyramidBase
-from pvt_fast.models.layers import Block, PatchEmbed, official_init, run_blocks, scaled_size
+from pvt_fast.models.layers import (Block, PatchEmbed, drop_path_rates, official_init, run_blocks,
+                                     scaled_size)
 
 
 class PyramidVisionTransformerV2(PyramidBase):
@@ -16,7 +17,7 @@ class PyramidVisionTransformerV2(PyramidBase):
         super().__init__()
         self._setup(backend, num_classes, depths, num_stages, embed_dims, in_chans, out_indices)
         self.linear = linear
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        dpr = drop_path_rates(drop_path_rate, depths)
         cur = 0
         for i in range(num_stages):
             first = i == 0
