@@ -309,3 +309,12 @@ def test_stochastic_depth_matches_timm_in_training():
     got = ours(x)
     torch.manual_seed(3)
     assert_close_rel(got, theirs(x), 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pvt_tiny", "pvt_v2_b2_li"])
+def test_torch_compile_fullgraph(name):
+    model = make(name, "sdpa")
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        assert_close_rel(torch.compile(model, fullgraph=True)(x), model(x), 1e-5)

@@ -1,0 +1,52 @@
+# make demo : high-resolution profile of pvt_fast against the official (reference) model
+# make test : the whole test suite (CPU: Triton kernels under TRITON_INTERPRET=1, AOT GPU compiles, host tests)
+# Each target sets up .venv with everything it needs on a fresh machine with python3.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+MAX_JOBS ?= 2
+export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
+
+.PHONY: install demo test test-fast test-full bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+
+$(VENV)/.deps: $(BIN)/python requirements-dev.txt
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.cu csrc/*.cpp csrc/*.h csrc/*.cuh)
+	$(BIN)/pip install -v --no-build-isolation --no-deps -e . >$(VENV)/build.log 2>&1 \
+		|| (tail -60 $(VENV)/build.log; echo "build failed, full log: $(VENV)/build.log"; exit 1)
+	grep -E "pvt_fast:|ptxas info|spill" $(VENV)/build.log || true
+	$(BIN)/python -c "import pvt_fast"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m pvt_fast profile --model pvt_v2_b2 --size 1024 --compare reference --out profile_out
+
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not aot" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m aot -p no:cacheprovider
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build/cmake -j2 >/dev/null \
+		&& ctest --test-dir build/cmake --output-on-failure
+	$(BIN)/python -m pytest -q benchmarks/ --benchmark-disable -m "not compiled" -p no:cacheprovider
+
+test-full: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not aot" --runslow
+	$(BIN)/python -m pytest -q -m aot
+
+bench: install
+	$(BIN)/python -m pytest benchmarks/ --benchmark-autosave
+
+clean:
+	rm -rf build *.egg-info profile_out
