@@ -1,0 +1,285 @@
+"""The K/V reduction kernels (conv SRA and v2-li linear SRA) against their float64 references.
+
+Runs on CUDA, or on the CPU with TRITON_INTERPRET=1 (tiny shapes). Kernel outputs are compared with
+the float64 reference under a bound set by PyTorch's own error in the same dtype (flash-attention's rule):
+    max |kernel - ref64| <= RATIO * max |PyTorch(dtype) - ref64| + FLOOR.
+"""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pvt_fast.ops import reduce_kv as ops
+
+EPS = 1e-5
+ERROR_BOUND = {  # dtype: (RATIO, FLOOR)
+    torch.float32: (2.0, 1e-5),
+    torch.float16: (2.0, 1e-4),
+    torch.bfloat16: (2.0, 1e-3),
+}
+
+# (B, H, W, C, sr): H, W not multiples of sr, H == sr, sr 1/2/3/4/8, C with a K tail (24, 40, 48), C == 64,
+# C past one 64-wide channel block (72 -> 128, 136 -> 256).
+CONV_CASES = [
+    (1, 9, 13, 24, 4),
+    (2, 9, 13, 40, 4),
+    (2, 11, 7, 48, 2),
+    (1, 5, 3, 24, 1),
+    (2, 17, 10, 24, 8),
+    (1, 8, 8, 40, 8),
+    (2, 4, 9, 48, 4),
+    (2, 6, 7, 64, 3),
+    (1, 6, 5, 72, 2),
+    (1, 4, 5, 136, 2),
+]
+# (B, H, W, C): sides 1, 3, 7, 9, 15 (overlapping and repeated bins), non-square, one window > 16 tokens.
+LINEAR_CASES = [
+    (1, 1, 1, 24),
+    (2, 3, 5, 40),
+    (1, 7, 7, 48),
+    (2, 9, 15, 24),
+    (1, 15, 3, 40),
+    (1, 35, 29, 24),
+]
+
+
+def _kernels():
+    from pvt_fast.kernels import reduce_kv
+
+    return reduce_kv
+
+
+def _inputs(B, H, W, C, sr, dtype, device, seed=0):
+    """x and the four parameters, scaled like a trained block (conv output ~ unit variance)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H * W, C, generator=g)
+    sr_weight = torch.randn(C, C, sr, sr, generator=g) / (C * sr * sr) ** 0.5
+    sr_bias = 0.1 * torch.randn(C, generator=g)
+    norm_weight = 1 + 0.2 * torch.randn(C, generator=g)
+    norm_bias = 0.2 * torch.randn(C, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (x, sr_weight, sr_bias, norm_weight, norm_bias)]
+
+
+def _run(fn, x, H, W, params, dtype=None):
+    x, *params = [t.to(dtype) if dtype is not None else t for t in (x, *params)]
+    return fn(x, H, W, *params, EPS)
+
+
+def _assert_close(out, ref64, lowp, what):
+    """``out`` within the dtype's bound of ``ref64``; ``lowp`` is PyTorch's own result in out's dtype."""
+    ratio, floor = ERROR_BOUND[out.dtype]
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)}, expected {tuple(ref64.shape)}"
+    err = (out.double() - ref64).abs()
+    bound = ratio * (lowp.double() - ref64).abs().max().item() + floor
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bad.any():
+        first = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements off by more than {bound:.3g} "
+            f"(max error {err.nan_to_num(float('inf')).max().item():.3g}); first at {first}: "
+            f"got {out[first].item()}, expected {ref64[first].item()}"
+        )
+
+
+# kernels ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "B{}_H{}_W{}_C{}_sr{}".format(*c))
+def test_reduce_kv_kernel_matches_reference(kernel_device, dtype, case):
+    kernels = _kernels()
+    B, H, W, C, sr = case
+    x, *params = _inputs(B, H, W, C, sr, dtype, kernel_device)
+    ref64 = _run(kernels.reduce_kv_ref, x, H, W, params, torch.float64)
+    lowp = _run(kernels.reduce_kv_ref, x, H, W, params)
+    weight = params[0].contiguous(memory_format=torch.channels_last)
+    rows = B * (H // sr) * (W // sr)
+    for num_sms in (1, 1 << 30):  # BLOCK_M at its largest, and 16
+        config = kernels.gemm_config(rows, C, dtype, num_sms)
+        out = torch.full_like(ref64, float("nan"), dtype=dtype)
+        kernels.reduce_kv(x, H, W, weight, *params[1:], EPS, out=out, config=config)
+        _assert_close(out, ref64, lowp, f"reduce_kv {case} {dtype} {config}")
+
+
+@pytest.mark.parametrize("layout", ["sliced", "channels_strided", "oihw_weight"])
+def test_reduce_kv_kernel_reads_strided_inputs(kernel_device, layout):
+    kernels = _kernels()
+    B, H, W, C, sr = 2, 9, 7, 40, 2
+    x, *params = _inputs(B, H, W, C, sr, torch.float32, kernel_device)
+    ref64 = _run(kernels.reduce_kv_ref, x, H, W, params, torch.float64)
+    lowp = _run(kernels.reduce_kv_ref, x, H, W, params)
+    weight = params[0].contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # token stride 3C: the q columns of a fused qkv output, say
+        x = torch.cat([x, torch.zeros_like(x), torch.zeros_like(x)], dim=2)[:, :, :C]
+    elif layout == "channels_strided":  # (B, C, N) memory, channel stride N
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        weight = params[0].contiguous()
+    out = torch.full_like(ref64, float("nan"), dtype=torch.float32)
+    kernels.reduce_kv(x, H, W, weight, *params[1:], EPS, out=out)
+    _assert_close(out, ref64, lowp, f"reduce_kv {layout}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "B{}_H{}_W{}_C{}".format(*c))
+def test_reduce_kv_linear_kernel_matches_reference(kernel_device, dtype, case):
+    kernels = _kernels()
+    B, H, W, C = case
+    x, *params = _inputs(B, H, W, C, 1, dtype, kernel_device)
+    ref64 = _run(kernels.reduce_kv_linear_ref, x, H, W, params, torch.float64)
+    lowp = _run(kernels.reduce_kv_linear_ref, x, H, W, params)
+    out = torch.full_like(ref64, float("nan"), dtype=dtype)
+    kernels.reduce_kv_linear(x, H, W, *params, EPS, out=out)
+    _assert_close(out, ref64, lowp, f"reduce_kv_linear {case} {dtype}")
+
+
+def test_aot_specs_cover_every_launch_config():
+    kernels = _kernels()
+    names = {spec.name for spec in kernels.aot_specs()}
+    for dtype, ty in kernels._TRITON_DTYPES.items():
+        for C in range(1, kernels.MAX_CHANNELS + 1, 7):
+            for rows, num_sms in ((49, 132), (64 * 49, 132), (1, 1), (10 ** 6, 132)):
+                c = kernels.gemm_config(rows, C, dtype, num_sms)
+                for precision in ("ieee", "tf32") if dtype == torch.float32 else ("ieee",):
+                    name = f"reduce_kv conv_layer_norm {ty} {precision} M{c.block_m} C{c.block_c} K{c.block_k}"
+                    assert name in names, f"C={C} rows={rows}: {name} has no AotSpec"
+        for H, W in ((1, 1), (7, 7), (56, 56), (9, 200)):
+            name = f"reduce_kv adaptive_avg_pool7 {ty} T{kernels.pool_block_t(H, W)} C64"
+            assert name in names, f"H={H} W={W}: {name} has no AotSpec"
+
+
+# ops ----------------------------------------------------------------------------------------------------
+
+
+OPS = {  # name: (op, reference name)
+    "reduce_kv": (ops.reduce_kv, "reduce_kv_ref"),
+    "reduce_kv_linear": (ops.reduce_kv_linear, "reduce_kv_linear_ref"),
+}
+OP_CASES = {"reduce_kv": (2, 9, 13, 24, 4), "reduce_kv_linear": (2, 9, 5, 24, 1)}  # (B, H, W, C, sr)
+
+
+def _op_and_ref(name):
+    op, ref_name = OPS[name]
+    return op, getattr(_kernels(), ref_name)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_op_gradients_match_float64_reference(kernel_device, name, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    op, ref = _op_and_ref(name)
+    B, H, W, C, sr = OP_CASES[name]
+    inputs = [t.requires_grad_() for t in _inputs(B, H, W, C, sr, torch.float32, kernel_device)]
+    out = op(inputs[0], H, W, *inputs[1:], EPS)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    out64 = ref(inputs64[0], H, W, *inputs64[1:], EPS)
+    grads64 = torch.autograd.grad(out64, inputs64, grad_out.double())
+    _assert_close(out.detach(), out64.detach(), _run(ref, inputs[0].detach(), H, W, [t.detach() for t in inputs[1:]]),
+                  f"{name} forward")
+    for arg, g, g64 in zip(("x", "sr_weight", "sr_bias", "norm_weight", "norm_bias"), grads, grads64):
+        assert g.shape == g64.shape and g.dtype == torch.float32, f"{name} d{arg}: {g.shape} {g.dtype}"
+        err = (g.double() - g64).abs()
+        scale = g64.abs().max().item()
+        if not err.max().item() <= 1e-5 * scale + 1e-6:
+            first = tuple((err > 1e-5 * scale + 1e-6).nonzero()[0].tolist())
+            raise AssertionError(f"{name} d{arg}: max error {err.max().item():.3g} (gradient max {scale:.3g}); "
+                                 f"first at {first}: got {g[first].item()}, expected {g64[first].item()}")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_op_casts_parameters_to_x_dtype(kernel_device, name):
+    """fp32 parameters with an fp16 x (what autocast hands the op): computed in fp16, fp32 gradients."""
+    op, _ = _op_and_ref(name)
+    B, H, W, C, sr = OP_CASES[name]
+    x, *params = _inputs(B, H, W, C, sr, torch.float32, kernel_device)
+    params = [p.requires_grad_() for p in params]
+    out = op(x.half(), H, W, *params, EPS)
+    expected = op(x.half(), H, W, *[p.detach().half() for p in params], EPS)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, expected), f"{name}: max difference {(out - expected).abs().max().item()}"
+    grads = torch.autograd.grad(out.float().sum(), params)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(kernel_device, name):
+    B, H, W, C, sr = 2, 5, 6, 16, OP_CASES[name][-1]
+    x, *params = _inputs(B, H, W, C, sr, torch.float32, kernel_device)
+    args = (x.requires_grad_(), H, W, *[p.requires_grad_() for p in params], EPS)
+    torch.library.opcheck(getattr(torch.ops.pvt_fast, name).default, args)
+
+
+def test_flop_counts(kernel_device):
+    B, H, W, C, sr = 2, 9, 13, 24, 4
+    x, *params = _inputs(B, H, W, C, sr, torch.float32, kernel_device)
+    x1, *params1 = _inputs(B, H, W, C, 1, torch.float32, kernel_device)
+    with FlopCounterMode(display=False) as conv:
+        ops.reduce_kv(x, H, W, *params, EPS)
+    with FlopCounterMode(display=False) as linear:
+        ops.reduce_kv_linear(x1, H, W, *params1, EPS)
+    assert conv.get_total_flops() == 2 * B * (H // sr) * (W // sr) * C * C * sr * sr
+    assert linear.get_total_flops() == 2 * B * 49 * C * C
+
+
+def _bad_inputs():
+    B, H, W, C = 2, 8, 8, 24
+    x, w, b, g, beta = _inputs(B, H, W, C, 2, torch.float32, "cpu")
+    w1 = _inputs(B, H, W, C, 1, torch.float32, "cpu")[1]
+    return [
+        ("x_2d", ops.reduce_kv, (x[0], H, W, w, b, g, beta), ValueError, r"x must be \(B, N, C\), got \(64, 24\)"),
+        ("n_mismatch", ops.reduce_kv, (x, H, W + 1, w, b, g, beta), ValueError,
+         r"N == H\*W == 72 .* got \(2, 64, 24\)"),
+        ("weight_c", ops.reduce_kv, (x, H, W, w[:20, :20], b, g, beta), ValueError,
+         r"sr_weight must be \(C, C, sr, sr\) with C == 24, got \(20, 20, 2, 2\)"),
+        ("weight_not_square", ops.reduce_kv, (x, H, W, w[..., :1], b, g, beta), ValueError,
+         r"sr_weight must be \(C, C, sr, sr\)"),
+        ("bias_shape", ops.reduce_kv, (x, H, W, w, b[:3], g, beta), ValueError, r"sr_bias must be \(C,\) with C == 24"),
+        ("norm_shape", ops.reduce_kv, (x, H, W, w, b, g, beta[None]), ValueError, r"norm_bias must be \(C,\)"),
+        ("too_small", ops.reduce_kv, (x.reshape(2, 64, 24), 1, 64, w, b, g, beta), ValueError,
+         r"input too small: H=1, W=64, but the 2x2 reduction needs H >= 2 and W >= 2"),
+        ("dtype", ops.reduce_kv, (x.double(), H, W, w, b, g, beta), TypeError,
+         r"x must be float32, float16 or bfloat16, got torch.float64"),
+        ("device", ops.reduce_kv, (x, H, W, w, b, g.to("meta"), beta), ValueError,
+         r"norm_weight must be on x's device cpu, got meta"),
+        ("too_wide", ops.reduce_kv_linear, (torch.zeros(1, 1, 1025), 1, 1, torch.zeros(1025, 1025, 1, 1),
+                                            *[torch.zeros(1025)] * 3), ValueError, r"1 <= C <= 1024"),
+        ("linear_weight", ops.reduce_kv_linear, (x, H, W, w, b, g, beta), ValueError,
+         r"sr_weight must be \(C, C, 1, 1\) with C == 24, got \(24, 24, 2, 2\)"),
+        ("linear_ok_shapes_wrong_n", ops.reduce_kv_linear, (x, 7, 7, w1, b, g, beta), ValueError, r"N == H\*W == 49"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_input_errors(case):
+    _, fn, args, error, message = case
+    with pytest.raises(error, match=message):
+        fn(*args, EPS)
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, *params = _inputs(1, 4, 4, 16, 2, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="backend='sdpa'"):
+        ops.reduce_kv(x, 4, 4, *params, EPS)
+
+
+# GPU only -----------------------------------------------------------------------------------------------
+
+
+# (name, (B, H, W, C, sr)): PVT's stages at 224 (and odd sizes), C = 1024 for the widest block.
+GPU_CASES = [("reduce_kv", c) for c in [(4, 56, 56, 64, 8), (4, 28, 28, 128, 4), (4, 14, 14, 320, 2),
+                                         (2, 60, 44, 32, 8), (2, 8, 8, 1024, 2)]]
+GPU_CASES += [("reduce_kv_linear", c) for c in [(4, 56, 56, 64, 1), (4, 14, 14, 320, 1), (4, 7, 7, 512, 1),
+                                                (2, 50, 38, 128, 1)]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name, case", GPU_CASES, ids=lambda v: str(v))
+def test_pvt_shapes_on_gpu(dtype, name, case):
+    op, ref = _op_and_ref(name)
+    B, H, W, C, sr = case
+    x, *params = _inputs(B, H, W, C, sr, dtype, "cuda")
+    out = op(x, H, W, *params, EPS)
+    _assert_close(out, _run(ref, x, H, W, params, torch.float64), _run(ref, x, H, W, params), f"{name} {case} {dtype}")
