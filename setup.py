@@ -38,7 +38,7 @@ def _cuda_extensions():
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", "-std=c++20"],
             "nvcc": ["-O3", "-std=c++17", "-Xptxas", "-v", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )

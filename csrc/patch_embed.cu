@@ -1,0 +1,259 @@
+// CUDA kernel of the fused patch embedding (conv + bias + LayerNorm -> tokens). What a block computes
+// and reads is described and implemented in patch_embed_core.h (host-tested); this file adds what only
+// a GPU has: the tensor-core product of one K chunk (wmma 16x16x16, fp32 accumulation; bf16 and fp16 on
+// sm_80+, fp32 inputs on CUDA cores in exact fp32), the warp-shuffle LayerNorm reductions, the block's
+// loop with its barriers, and the launcher (persistent grid: blocks per SM from the occupancy API).
+//
+// Pointer arguments: x (B, Cin, H, W) for "nchw" or (B, H, W, Cin) for "nhwc", any strides, x's dtype;
+// weight (Cout, Cin, k, k), any strides, x's dtype or fp32; bias / norm_weight / norm_bias (Cout,),
+// any stride, x's dtype or fp32; out (B*Ho*Wo, Cout) contiguous, x's dtype. Masked: tokens past M,
+// channels past Cout, columns past K, and every input pixel in the padding (never read).
+//
+// Bytes moved per call (the minimum is x once + out once + the parameters):
+//   x:   B*Cin*H*W elements, read from DRAM once (overlapping windows, k > s, re-read through L1/L2),
+//   w:   Cout*Cin*k*k elements per block from L2 (once per block with a resident plan, every tile with
+//        a streamed one),
+//   out: B*Ho*Wo*Cout elements, written once, never read back.
+// v1 stage 1 (224x224, batch 64, bf16, k=s=4, Cout 64): 19.3 MB in + 25.7 MB out = 45.0 MB.
+// v2 stage 1 (same, k7 s4 p3): the same 45.0 MB. FLOPs: 2 * B*Ho*Wo * Cout * Cin*k*k.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#include "patch_embed_core.h"
+#include "patch_embed_launch.h"
+
+namespace pvt_fast {
+namespace patch_embed {
+
+template <>
+struct ElemTraits<__half> {
+  PE_HD static float to_float(__half v) { return __half2float(v); }
+  PE_HD static __half from_float(float v) { return __float2half_rn(v); }
+  PE_HD static __half zero() { return __ushort_as_half(0); }
+};
+
+template <>
+struct ElemTraits<__nv_bfloat16> {
+  PE_HD static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  PE_HD static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  PE_HD static __nv_bfloat16 zero() { return __ushort_as_bfloat16(0); }
+};
+
+namespace {
+
+struct KernelArgs {
+  Geometry g;
+  Plan plan;
+  const void* x;
+  const void* weight;
+  const void* bias;
+  const void* norm_weight;
+  const void* norm_bias;
+  int64_t bias_stride, norm_weight_stride, norm_bias_stride;
+  void* out;
+  float eps;
+  bool weight_fp32, params_fp32, out_vec4;
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// C (+)= A * Wt^T for one chunk on tensor cores. Warp (wm, wn) owns the 16-row strip wm of C and the
+// column tiles wn, wn + warps_n, ...; the A fragment is loaded once per 16-wide k step and reused.
+template <class T>
+__device__ __forceinline__ void tensor_core_chunk(const Plan& pl, const T* a, const T* ws, float* c, bool first,
+                                                  int warp) {
+  namespace wmma = nvcuda::wmma;
+  const int wm = warp % pl.warps_m;
+  const int wn = warp / pl.warps_m;
+  const int col_tiles = pl.npad / 16;
+  float* c_strip = c + wm * 16 * pl.ldc;
+  const T* a_strip = a + wm * 16 * pl.lda;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kMaxFragmentsPerWarp];
+#pragma unroll
+  for (int f = 0; f < kMaxFragmentsPerWarp; ++f) {
+    const int nt = wn + f * pl.warps_n;
+    if (nt >= col_tiles) continue;
+    if (first)
+      wmma::fill_fragment(acc[f], 0.f);
+    else
+      wmma::load_matrix_sync(acc[f], c_strip + nt * 16, pl.ldc, wmma::mem_row_major);
+  }
+  for (int k0 = 0; k0 < pl.bk; k0 += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+    wmma::load_matrix_sync(af, a_strip + k0, pl.lda);
+#pragma unroll
+    for (int f = 0; f < kMaxFragmentsPerWarp; ++f) {
+      const int nt = wn + f * pl.warps_n;
+      if (nt >= col_tiles) continue;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
+      wmma::load_matrix_sync(bf, ws + nt * 16 * pl.ldw + k0, pl.ldw);
+      wmma::mma_sync(acc[f], af, bf, acc[f]);
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < kMaxFragmentsPerWarp; ++f) {
+    const int nt = wn + f * pl.warps_n;
+    if (nt < col_tiles) wmma::store_matrix_sync(c_strip + nt * 16, acc[f], pl.ldc, wmma::mem_row_major);
+  }
+}
+#endif
+
+template <class T>
+__device__ __forceinline__ void mma_chunk(const Plan& pl, const T* a, const T* ws, float* c, bool first, int tid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (!std::is_same<T, float>::value) {
+    tensor_core_chunk(pl, a, ws, c, first, tid / 32);
+    return;
+  }
+#endif
+  simt_mma_chunk(pl, a, ws, c, first, tid, pl.threads);
+}
+
+// Sum over the `lanes` lanes (a power of two, aligned group) that share one LayerNorm row.
+__device__ __forceinline__ float group_sum(float v, int lanes) {
+  for (int off = lanes / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <class T>
+__device__ __forceinline__ void normalize_tile(const Geometry& g, const Plan& pl, const float* c,
+                                               const float* params, int64_t m0, float eps,
+                                               const GlobalWriter<T>& out, int tid) {
+  const int lanes = pl.lanes_per_row;
+  const int rows_per_warp = 32 / lanes;
+  const int warp = tid / 32, lane = tid % 32;
+  const int sub = lane % lanes;
+  const float inv_n = 1.f / static_cast<float>(g.Cout);
+  // Every lane of a warp runs the same iterations (bm is a multiple of rows_per_warp): the shuffles
+  // need the full warp.
+  for (int r0 = warp * rows_per_warp; r0 < pl.bm; r0 += pl.warps * rows_per_warp) {
+    const int r = r0 + lane / lanes;
+    const float* c_row = c + r * pl.ldc;
+    const float mean = group_sum(row_partial_sum(c_row, params, g.Cout, pl.npad, sub, lanes), lanes) * inv_n;
+    const float var =
+        group_sum(row_partial_sqdev(c_row, params, g.Cout, pl.npad, mean, sub, lanes), lanes) * inv_n;
+    const float rstd = rsqrtf(var + eps);
+    const int64_t m = m0 + r;
+    if (m < g.M) row_store(c_row, params, g.Cout, pl.npad, mean, rstd, sub, lanes, m * g.Cout, out);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void load_weight_tile(const KernelArgs& args, const ColumnTap* col, T* ws, int tid) {
+  if (args.weight_fp32)
+    gather_w<T, float>(args.g, args.plan, col, GlobalReader<float>{static_cast<const float*>(args.weight)}, ws,
+                       tid, args.plan.threads);
+  else
+    gather_w<T, T>(args.g, args.plan, col, GlobalReader<T>{static_cast<const T*>(args.weight)}, ws, tid,
+                   args.plan.threads);
+}
+
+template <class T, int V>
+__global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs args) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Geometry& g = args.g;
+  const Plan& pl = args.plan;
+  float* params = reinterpret_cast<float*>(smem + pl.off_params);
+  T* ws = reinterpret_cast<T*>(smem + pl.off_w);
+  T* a = reinterpret_cast<T*>(smem + pl.off_a);
+  float* c = reinterpret_cast<float*>(smem + pl.off_c);
+  TokenOrigin* tok = reinterpret_cast<TokenOrigin*>(smem + pl.off_tok);
+  ColumnTap* col = reinterpret_cast<ColumnTap*>(smem + pl.off_col);
+  const int tid = threadIdx.x;
+  const GlobalReader<T> x{static_cast<const T*>(args.x)};
+  const GlobalWriter<T> out{static_cast<T*>(args.out), args.out_vec4};
+
+  if (args.params_fp32)
+    load_params(pl, g.Cout, static_cast<const float*>(args.bias), static_cast<const float*>(args.norm_weight),
+                static_cast<const float*>(args.norm_bias), args.bias_stride, args.norm_weight_stride,
+                args.norm_bias_stride, params, tid, pl.threads);
+  else
+    load_params(pl, g.Cout, static_cast<const T*>(args.bias), static_cast<const T*>(args.norm_weight),
+                static_cast<const T*>(args.norm_bias), args.bias_stride, args.norm_weight_stride,
+                args.norm_bias_stride, params, tid, pl.threads);
+  const bool resident = pl.chunks == 1;
+  if (resident) {
+    build_columns(g, pl, 0, col, tid, pl.threads);
+    __syncthreads();
+    load_weight_tile(args, col, ws, tid);
+  }
+  for (int64_t tile = blockIdx.x; tile < pl.tiles; tile += gridDim.x) {
+    const int64_t m0 = tile * pl.bm;
+    build_tokens(g, pl, m0, tok, tid, pl.threads);
+    for (int chunk = 0; chunk < pl.chunks; ++chunk) {
+      if (!resident) build_columns(g, pl, chunk, col, tid, pl.threads);
+      __syncthreads();  // tables written; the previous chunk's product and tile's epilogue are done
+      gather_a<T, V>(g, pl, tok, col, x, a, tid, pl.threads);
+      if (!resident) load_weight_tile(args, col, ws, tid);
+      __syncthreads();
+      mma_chunk(pl, a, ws, c, chunk == 0, tid);
+    }
+    __syncthreads();
+    normalize_tile(g, pl, c, params, m0, args.eps, out, tid);
+  }
+}
+
+int multiprocessor_count() {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+template <class T, int V>
+cudaError_t launch_typed(const LaunchArgs& a, const Plan& pl, cudaStream_t stream) {
+  auto kernel = patch_embed_kernel<T, V>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pl.smem_bytes);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, pl.threads, pl.smem_bytes);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  const int64_t resident_blocks = static_cast<int64_t>(per_sm) * multiprocessor_count();
+  const int grid = static_cast<int>(pl.tiles < resident_blocks ? pl.tiles : resident_blocks);
+
+  KernelArgs ka{};
+  ka.g = a.g;
+  ka.plan = pl;
+  ka.x = a.x;
+  ka.weight = a.weight;
+  ka.bias = a.bias;
+  ka.norm_weight = a.norm_weight;
+  ka.norm_bias = a.norm_bias;
+  ka.bias_stride = a.bias_stride;
+  ka.norm_weight_stride = a.norm_weight_stride;
+  ka.norm_bias_stride = a.norm_bias_stride;
+  ka.out = a.out;
+  ka.eps = a.eps;
+  ka.weight_fp32 = a.weight_fp32;
+  ka.params_fp32 = a.params_fp32;
+  ka.out_vec4 = a.g.Cout % 4 == 0 && reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(T)) == 0;
+  kernel<<<grid, pl.threads, pl.smem_bytes, stream>>>(ka);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_vec(const LaunchArgs& a, const Plan& pl, cudaStream_t stream) {
+  constexpr int kWide = 16 / sizeof(T);  // nhwc: one 16-byte pixel chunk
+  if (pl.vec == 1) return launch_typed<T, 1>(a, pl, stream);
+  if (pl.vec == 4) return launch_typed<T, 4>(a, pl, stream);
+  if (pl.vec == kWide) return launch_typed<T, kWide>(a, pl, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_patch_embed(const LaunchArgs& args, cudaStream_t stream) {
+  const Plan pl = plan_for(args);
+  switch (args.dtype) {
+    case DType::kFloat32: return launch_vec<float>(args, pl, stream);
+    case DType::kFloat16: return launch_vec<__half>(args, pl, stream);
+    case DType::kBFloat16: return launch_vec<__nv_bfloat16>(args, pl, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace patch_embed
+}  // namespace pvt_fast

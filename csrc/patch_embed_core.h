@@ -1,0 +1,491 @@
+// Fused patch embedding: Conv2d(k, stride s, padding p) + bias, then LayerNorm over the output channels,
+// written as tokens (B, Ho*Wo, Cout).
+//
+// This header holds everything a thread block does except the tensor-core instructions and the warp
+// shuffles: the tiling plan, which input pixels and weights a tile reads, padding and tails, the
+// output offsets, the CUDA-core dot products and the LayerNorm row math. Every function here compiles
+// as plain C++ so that csrc/tests/patch_embed_host_test.cpp can run whole problems tile by tile on the
+// host, one "thread id" at a time, with the same code the kernel runs.
+//
+// The conv is an implicit GEMM: C[m, n] = sum_kk A[m, kk] * Wt[n, kk], where
+//   m  = (b, ho, wo) flattened, a token (M = B*Ho*Wo rows; the output row m starts at m * Cout),
+//   n  = output channel (Cout columns, padded to npad, a multiple of 16),
+//   kk = one (ci, kh, kw) tap, ordered (ci, kh, kw) for "nchw" input and (kh, kw, ci) for "nhwc", so
+//        that consecutive kk are consecutive addresses of x in both layouts (K = Cin*k*k),
+//   A[m, kk] = x[b, ci, ho*s - p + kh, wo*s - p + kw], zero outside the image (padding).
+// A block owns bm consecutive tokens and all npad channels (LayerNorm needs the whole row) and walks K
+// in chunks of bk columns: per chunk it writes a column table (x and weight offsets of each kk), gathers
+// the A tile (bm x bk) and the weight tile (npad x bk) into shared memory and multiplies them into the
+// fp32 tile C (bm x npad). When the whole K fits ("resident" plan, one chunk), the weight tile is loaded
+// once per block and the block loops over tiles. The epilogue adds the bias, normalizes each row in fp32
+// (two-pass mean and variance) and stores it in x's dtype.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define PE_HD __host__ __device__ __forceinline__
+#else
+#define PE_HD inline
+#endif
+
+namespace pvt_fast {
+namespace patch_embed {
+
+enum class Layout : int { kNCHW = 0, kNHWC = 1 };
+
+// An offset added to a pixel coordinate to mark a token (m >= M) or a column (kk >= K) as absent: any
+// coordinate carrying it lands past the image, so the gather reads nothing and writes zero. Pixel
+// coordinates, kernel sizes and padding stay below 2^28 (checked at the op boundary), so sums of two
+// such values cannot overflow.
+constexpr int32_t kAbsent = 1 << 29;
+constexpr int kMaxCout = 1024;
+constexpr int kMaxFragmentsPerWarp = 4;        // 16x16 fp32 accumulator tiles per warp
+constexpr int kStreamedChunk = 64;             // widest bk when the whole K does not fit in shared memory
+constexpr int kResidentSmemBytes = 110 * 1024; // keeps two resident blocks on an SM (228 KB)
+constexpr int kMaxSmemBytes = 160 * 1024;      // under the per-block limit of sm_80 (163 KB) and sm_90
+
+// Shapes and strides of one call. Strides are in elements and indexed by logical dimension (batch,
+// channel, row, column) whatever the memory layout, so any strided x or weight is addressable.
+struct Geometry {
+  int64_t B, Cin, H, W, Cout;
+  int64_t k, s, p;
+  int64_t Ho, Wo, M, K;
+  Layout layout;
+  int64_t xs_b, xs_c, xs_h, xs_w;  // x
+  int64_t ws_o, ws_c, ws_h, ws_w;  // weight (Cout, Cin, k, k)
+};
+
+PE_HD int64_t conv_out_size(int64_t n, int64_t k, int64_t s, int64_t p) { return (n + 2 * p - k) / s + 1; }
+
+inline Geometry make_geometry(int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t k, int64_t s,
+                              int64_t p, Layout layout, const int64_t x_strides[4], const int64_t w_strides[4]) {
+  Geometry g{};
+  g.B = B; g.Cin = Cin; g.H = H; g.W = W; g.Cout = Cout;
+  g.k = k; g.s = s; g.p = p;
+  g.Ho = conv_out_size(H, k, s, p);
+  g.Wo = conv_out_size(W, k, s, p);
+  g.M = B * g.Ho * g.Wo;
+  g.K = Cin * k * k;
+  g.layout = layout;
+  g.xs_b = x_strides[0]; g.xs_c = x_strides[1]; g.xs_h = x_strides[2]; g.xs_w = x_strides[3];
+  g.ws_o = w_strides[0]; g.ws_c = w_strides[1]; g.ws_h = w_strides[2]; g.ws_w = w_strides[3];
+  return g;
+}
+
+// How a block is organised; computed on the host, passed to the kernel by value.
+struct Plan {
+  int warps, threads;
+  int warps_m, warps_n;   // warp grid over the C tile: a warp owns rows [16*i, 16*i+16) and every
+                          // warps_n-th 16-column block
+  int bm, npad;           // tokens per tile, Cout rounded up to 16
+  int bk, chunks;         // columns per K chunk, number of chunks
+  int vec;                // elements per x load: 1, 4 (nchw) or 16 bytes (nhwc); see choose_vec
+  int lanes_per_row;      // epilogue: lanes cooperating on one LayerNorm row (power of two)
+  int lda, ldw, ldc;      // shared-memory row pitches in elements
+  int64_t tiles;
+  // shared-memory carve-up, byte offsets
+  int off_params, off_w, off_a, off_c, off_tok, off_col, smem_bytes;
+};
+
+struct TokenOrigin {
+  int64_t x_base;  // offset of pixel (ih0, iw0) of image b, possibly outside the image
+  int32_t ih0, iw0;  // top-left input pixel of the token's window (kAbsent when m >= M)
+};
+
+struct ColumnTap {
+  int64_t x_delta;  // x offset of tap (ci, kh, kw) relative to a token's x_base
+  int64_t w_delta;  // weight offset of (0, ci, kh, kw)
+  int32_t dh, dw;   // kh, kw (kAbsent when kk >= K)
+};
+
+template <class T>
+struct ElemTraits;  // to_float / from_float / zero; float below, half types in patch_embed.cu
+
+template <>
+struct ElemTraits<float> {
+  PE_HD static float to_float(float v) { return v; }
+  PE_HD static float from_float(float v) { return v; }
+  PE_HD static float zero() { return 0.f; }
+};
+
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+struct alignas(16) Float4 {
+  float v[4];
+};
+
+PE_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+PE_HD int round_up(int a, int b) { return (a + b - 1) / b * b; }
+
+// Widest x load every gather slot can use: V consecutive kk must be V consecutive, V-aligned elements
+// that are all inside or all outside the image.
+//   nchw: the V taps kw..kw+V-1 of one row: k, s, p and W multiples of 4, unit column stride, aligned rows.
+//   nhwc: V channels of one pixel: Cin a multiple of V, unit channel stride, aligned pixels.
+inline int choose_vec(const Geometry& g, int elem_size, uintptr_t x_address) {
+  if (g.layout == Layout::kNCHW) {
+    const int v = 4;
+    bool ok = g.k % v == 0 && g.s % v == 0 && g.p % v == 0 && g.W % v == 0 && g.xs_w == 1 &&
+              g.xs_h % v == 0 && g.xs_c % v == 0 && g.xs_b % v == 0 && x_address % (v * elem_size) == 0;
+    return ok ? v : 1;
+  }
+  const int v = 16 / elem_size;
+  bool ok = g.Cin % v == 0 && g.xs_c == 1 && g.xs_w % v == 0 && g.xs_h % v == 0 && g.xs_b % v == 0 &&
+            x_address % 16 == 0;
+  return ok ? v : 1;
+}
+
+inline int pow2_ceil(int v) {
+  int r = 1;
+  while (r < v) r *= 2;
+  return r;
+}
+
+inline int pow2_floor(int v) {
+  int r = 1;
+  while (r * 2 <= v) r *= 2;
+  return r;
+}
+
+inline int align128(int bytes) { return round_up(bytes, 128); }
+
+inline void carve_smem(Plan& pl, int elem_size) {
+  int off = 0;
+  pl.off_params = off; off = align128(off + 3 * pl.npad * 4);
+  pl.off_w = off;      off = align128(off + pl.npad * pl.ldw * elem_size);
+  pl.off_a = off;      off = align128(off + pl.bm * pl.lda * elem_size);
+  pl.off_c = off;      off = align128(off + pl.bm * pl.ldc * 4);
+  pl.off_tok = off;    off = align128(off + pl.bm * static_cast<int>(sizeof(TokenOrigin)));
+  pl.off_col = off;    off = align128(off + pl.bk * static_cast<int>(sizeof(ColumnTap)));
+  pl.smem_bytes = off;
+}
+
+// Requires 1 <= Cout <= kMaxCout (checked at the op boundary).
+inline Plan make_plan(const Geometry& g, int elem_size, int vec) {
+  Plan pl{};
+  pl.npad = round_up(static_cast<int>(g.Cout), 16);
+  const int col_tiles = pl.npad / 16;
+  pl.warps = pl.npad <= 128 ? 8 : 16;
+  pl.threads = 32 * pl.warps;
+  pl.warps_n = pow2_ceil((col_tiles + kMaxFragmentsPerWarp - 1) / kMaxFragmentsPerWarp);
+  pl.warps_m = pl.warps / pl.warps_n;
+  pl.bm = 16 * pl.warps_m;
+  pl.vec = vec;
+  pl.lanes_per_row = pow2_floor(pl.npad / 8 < 32 ? pl.npad / 8 : 32);
+  pl.ldc = pl.npad + 4;
+  pl.tiles = ceil_div(g.M, pl.bm);
+  const int skew = 16 / elem_size;  // one 16-byte skew per row against bank conflicts
+  // The whole K in one chunk when its tiles fit (checked in 64 bits first: K may be large).
+  const int64_t whole_k = (g.K + 15) / 16 * 16;
+  const bool may_fit = whole_k * (pl.npad + pl.bm) * elem_size <= kResidentSmemBytes;
+  pl.bk = may_fit ? static_cast<int>(whole_k) : kStreamedChunk;
+  pl.chunks = static_cast<int>(ceil_div(g.K, pl.bk));
+  pl.lda = pl.ldw = pl.bk + skew;
+  carve_smem(pl, elem_size);
+  // Otherwise stream K in the widest chunk that fits (wide Cout leaves less room for the weight tile).
+  for (int bk = kStreamedChunk; pl.smem_bytes > kResidentSmemBytes && bk >= 16; bk /= 2) {
+    if (bk >= whole_k) continue;  // no smaller than the resident tiles
+    pl.bk = bk;
+    pl.chunks = static_cast<int>(ceil_div(g.K, bk));
+    pl.lda = pl.ldw = pl.bk + skew;
+    carve_smem(pl, elem_size);
+    if (pl.smem_bytes <= kMaxSmemBytes) break;
+  }
+  return pl;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Tables. Each function handles the entries i = tid, tid + threads, ...; the kernel calls it with
+// threadIdx.x, the host test with every tid in turn.
+
+PE_HD TokenOrigin token_origin(const Geometry& g, int64_t m) {
+  TokenOrigin t;
+  if (m >= g.M) {
+    t.x_base = 0;
+    t.ih0 = t.iw0 = kAbsent;
+    return t;
+  }
+  const int64_t wo = m % g.Wo;
+  const int64_t rest = m / g.Wo;
+  const int64_t ho = rest % g.Ho;
+  const int64_t b = rest / g.Ho;
+  const int64_t ih0 = ho * g.s - g.p;
+  const int64_t iw0 = wo * g.s - g.p;
+  t.x_base = b * g.xs_b + ih0 * g.xs_h + iw0 * g.xs_w;
+  t.ih0 = static_cast<int32_t>(ih0);
+  t.iw0 = static_cast<int32_t>(iw0);
+  return t;
+}
+
+PE_HD ColumnTap column_tap(const Geometry& g, int64_t kk) {
+  ColumnTap c;
+  if (kk >= g.K) {
+    c.x_delta = c.w_delta = 0;
+    c.dh = c.dw = kAbsent;
+    return c;
+  }
+  int64_t ci, kh, kw;
+  if (g.layout == Layout::kNCHW) {
+    ci = kk / (g.k * g.k);
+    const int64_t r = kk - ci * g.k * g.k;
+    kh = r / g.k;
+    kw = r - kh * g.k;
+  } else {
+    const int64_t tap = kk / g.Cin;
+    ci = kk - tap * g.Cin;
+    kh = tap / g.k;
+    kw = tap - kh * g.k;
+  }
+  c.x_delta = ci * g.xs_c + kh * g.xs_h + kw * g.xs_w;
+  c.w_delta = ci * g.ws_c + kh * g.ws_h + kw * g.ws_w;
+  c.dh = static_cast<int32_t>(kh);
+  c.dw = static_cast<int32_t>(kw);
+  return c;
+}
+
+PE_HD void build_tokens(const Geometry& g, const Plan& pl, int64_t m0, TokenOrigin* tok, int tid, int nthreads) {
+  for (int i = tid; i < pl.bm; i += nthreads) tok[i] = token_origin(g, m0 + i);
+}
+
+PE_HD void build_columns(const Geometry& g, const Plan& pl, int chunk, ColumnTap* col, int tid, int nthreads) {
+  const int64_t k0 = static_cast<int64_t>(chunk) * pl.bk;
+  for (int i = tid; i < pl.bk; i += nthreads) col[i] = column_tap(g, k0 + i);
+}
+
+// bias, LayerNorm weight and LayerNorm bias as fp32, zero past Cout. P is the parameters' storage type.
+template <class P>
+PE_HD void load_params(const Plan& pl, int64_t cout, const P* bias, const P* gamma, const P* beta,
+                       int64_t stride_bias, int64_t stride_gamma, int64_t stride_beta, float* params, int tid,
+                       int nthreads) {
+  for (int i = tid; i < pl.npad; i += nthreads) {
+    const bool in = i < cout;
+    params[i] = in ? ElemTraits<P>::to_float(bias[i * stride_bias]) : 0.f;
+    params[pl.npad + i] = in ? ElemTraits<P>::to_float(gamma[i * stride_gamma]) : 0.f;
+    params[2 * pl.npad + i] = in ? ElemTraits<P>::to_float(beta[i * stride_beta]) : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gathers. Reader types give x / weight element access: the kernel reads global memory directly
+// (GlobalReader), the host test checks every offset it is handed.
+
+template <class T>
+struct GlobalReader {
+  const T* ptr;
+  PE_HD T load(int64_t off) const { return ptr[off]; }
+  template <int V>
+  PE_HD Pack<T, V> load_pack(int64_t off) const { return *reinterpret_cast<const Pack<T, V>*>(ptr + off); }
+};
+
+template <class T, int V>
+PE_HD Pack<T, V> zero_pack() {
+  Pack<T, V> z;
+  for (int i = 0; i < V; ++i) z.v[i] = ElemTraits<T>::zero();
+  return z;
+}
+
+// Loads each thread has in flight in the gathers: a batch's loads all issue before its shared-memory
+// stores, which wait for them (one load per store would cost a memory round trip per slot). Larger
+// batches push the kernel past 128 registers (ptxas -v).
+template <int Bytes>
+constexpr int gather_batch() {
+  return Bytes >= 16 ? 4 : 8;
+}
+constexpr int kWeightGatherBatch = 4;
+
+// One gather slot: V consecutive columns starting at the column of `tap`, for token `t`. For V > 1,
+// choose_vec guarantees the V elements are contiguous and all inside or all outside the image, so the
+// first column decides for the whole pack.
+template <class T, int V, class XReader>
+PE_HD Pack<T, V> load_slot(const Geometry& g, const TokenOrigin& t, const ColumnTap& tap, const XReader& x) {
+  const int32_t ih = t.ih0 + tap.dh, iw = t.iw0 + tap.dw;
+  const bool in = static_cast<uint32_t>(ih) < static_cast<uint32_t>(g.H) &&
+                  static_cast<uint32_t>(iw) < static_cast<uint32_t>(g.W);
+  if (!in) return zero_pack<T, V>();
+  const int64_t off = t.x_base + tap.x_delta;
+  if constexpr (V > 1) {
+    return x.template load_pack<V>(off);
+  } else {
+    Pack<T, 1> p;
+    p.v[0] = x.load(off);
+    return p;
+  }
+}
+
+// The A tile (bm x bk, pitch lda), in slots of V columns. Coalescing decides which index the lanes
+// walk: for nchw consecutive lanes take consecutive tokens (neighbouring tokens read neighbouring
+// columns of an image row), for nhwc consecutive slots (channels of one pixel are contiguous). nchw
+// needs threads % bm == 0.
+template <class T, int V, class XReader>
+PE_HD void gather_a(const Geometry& g, const Plan& pl, const TokenOrigin* tok, const ColumnTap* col,
+                    const XReader& x, T* a, int tid, int nthreads) {
+  constexpr int kBatch = gather_batch<V * sizeof(T)>();
+  const int slots = pl.bk / V;
+  Pack<T, V> v[kBatch];
+  if (g.layout == Layout::kNCHW) {
+    const int m = tid % pl.bm;
+    const int step = nthreads / pl.bm;
+    const TokenOrigin t = tok[m];
+    T* a_row = a + m * pl.lda;
+    for (int cv0 = tid / pl.bm; cv0 < slots; cv0 += kBatch * step) {
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int cv = cv0 + b * step;
+        v[b] = cv < slots ? load_slot<T, V>(g, t, col[cv * V], x) : zero_pack<T, V>();
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int cv = cv0 + b * step;
+        if (cv < slots) *reinterpret_cast<Pack<T, V>*>(a_row + cv * V) = v[b];
+      }
+    }
+  } else {
+    const int total = pl.bm * slots;
+    for (int e0 = tid; e0 < total; e0 += kBatch * nthreads) {
+      int dst[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int e = e0 + b * nthreads;
+        dst[b] = -1;
+        if (e < total) {
+          const int m = e / slots;
+          const int cv = e - m * slots;
+          dst[b] = m * pl.lda + cv * V;
+          v[b] = load_slot<T, V>(g, tok[m], col[cv * V], x);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (dst[b] >= 0) *reinterpret_cast<Pack<T, V>*>(a + dst[b]) = v[b];
+    }
+  }
+}
+
+// The weight tile (npad x bk, pitch ldw): row n, column c holds weight[n, tap(c)] in the compute type
+// T, zero past Cout and past K. WT is the weight's storage type (T, or float under autocast).
+template <class T, class WT, class WReader>
+PE_HD void gather_w(const Geometry& g, const Plan& pl, const ColumnTap* col, const WReader& w, T* ws, int tid,
+                    int nthreads) {
+  constexpr int kBatch = kWeightGatherBatch;
+  const int total = pl.npad * pl.bk;
+  for (int e0 = tid; e0 < total; e0 += kBatch * nthreads) {
+    WT raw[kBatch];
+    int dst[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int e = e0 + b * nthreads;
+      dst[b] = -1;
+      raw[b] = ElemTraits<WT>::zero();
+      if (e < total) {
+        const int n = e / pl.bk;
+        const int c = e - n * pl.bk;
+        const ColumnTap& tap = col[c];
+        dst[b] = n * pl.ldw + c;
+        if (n < g.Cout && tap.dh != kAbsent) raw[b] = w.load(n * g.ws_o + tap.w_delta);
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b)
+      if (dst[b] >= 0) ws[dst[b]] = ElemTraits<T>::from_float(ElemTraits<WT>::to_float(raw[b]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Per-tile math.
+
+// C (+)= A * Wt^T over one chunk on CUDA cores, fp32 accumulation; each thread owns 4x4 blocks of C.
+// Used for fp32 inputs (exact fp32 products) and where tensor cores are unavailable.
+template <class T>
+PE_HD void simt_mma_chunk(const Plan& pl, const T* a, const T* ws, float* c, bool first, int tid, int nthreads) {
+  const int row_blocks = pl.bm / 4;
+  const int blocks = row_blocks * (pl.npad / 4);
+  for (int u = tid; u < blocks; u += nthreads) {
+    const int r0 = (u % row_blocks) * 4;
+    const int n0 = (u / row_blocks) * 4;
+    float acc[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = first ? 0.f : c[(r0 + i) * pl.ldc + n0 + j];
+    for (int kk = 0; kk < pl.bk; ++kk) {
+      float av[4], wv[4];
+      for (int i = 0; i < 4; ++i) av[i] = ElemTraits<T>::to_float(a[(r0 + i) * pl.lda + kk]);
+      for (int j = 0; j < 4; ++j) wv[j] = ElemTraits<T>::to_float(ws[(n0 + j) * pl.ldw + kk]);
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * wv[j];
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) c[(r0 + i) * pl.ldc + n0 + j] = acc[i][j];
+  }
+}
+
+// Four consecutive floats of a C row or of the parameters: 16-byte aligned (ldc and npad are multiples
+// of 4, the regions 128-byte aligned), so one shared-memory load.
+PE_HD Float4 load_float4(const float* p) { return *reinterpret_cast<const Float4*>(p); }
+
+// LayerNorm of one C row (conv output before the bias), done by `lanes` cooperating lanes; lane `lane`
+// owns the 4-column groups lane, lane + lanes, ... The caller sums the partials over the lanes.
+PE_HD float row_partial_sum(const float* c_row, const float* bias, int64_t cout, int npad, int lane, int lanes) {
+  float s = 0.f;
+  for (int j0 = 4 * lane; j0 < npad; j0 += 4 * lanes) {
+    const Float4 v = load_float4(c_row + j0), b = load_float4(bias + j0);
+    for (int q = 0; q < 4; ++q)
+      if (j0 + q < cout) s += v.v[q] + b.v[q];
+  }
+  return s;
+}
+
+PE_HD float row_partial_sqdev(const float* c_row, const float* bias, int64_t cout, int npad, float mean, int lane,
+                              int lanes) {
+  float s = 0.f;
+  for (int j0 = 4 * lane; j0 < npad; j0 += 4 * lanes) {
+    const Float4 v = load_float4(c_row + j0), b = load_float4(bias + j0);
+    for (int q = 0; q < 4; ++q) {
+      const float d = v.v[q] + b.v[q] - mean;
+      if (j0 + q < cout) s += d * d;
+    }
+  }
+  return s;
+}
+
+// Writes y = (c + bias - mean) * rstd * gamma + beta for this lane's groups of output row `out_row`
+// (element offset of the token's first channel). Writer::store(off, values, count) stores count <= 4
+// consecutive values converted to the output type.
+template <class Writer>
+PE_HD void row_store(const float* c_row, const float* params, int64_t cout, int npad, float mean, float rstd,
+                     int lane, int lanes, int64_t out_row, const Writer& out) {
+  const float* bias = params;
+  const float* gamma = params + npad;
+  const float* beta = params + 2 * npad;
+  for (int j0 = 4 * lane; j0 < cout; j0 += 4 * lanes) {
+    const Float4 v = load_float4(c_row + j0), b = load_float4(bias + j0);
+    const Float4 w = load_float4(gamma + j0), o = load_float4(beta + j0);
+    float y[4];
+    for (int q = 0; q < 4; ++q) y[q] = (v.v[q] + b.v[q] - mean) * rstd * w.v[q] + o.v[q];
+    const int64_t left = cout - j0;
+    out.store(out_row + j0, y, left < 4 ? static_cast<int>(left) : 4);
+  }
+}
+
+// Stores into the (M, Cout) token matrix; `vec4` when 4 consecutive outputs of a row may be stored as
+// one aligned pack (Cout % 4 == 0 and an aligned base pointer).
+template <class T>
+struct GlobalWriter {
+  T* ptr;
+  bool vec4;
+  PE_HD void store(int64_t off, const float* y, int count) const {
+    if (vec4 && count == 4) {
+      Pack<T, 4> p;
+      for (int q = 0; q < 4; ++q) p.v[q] = ElemTraits<T>::from_float(y[q]);
+      *reinterpret_cast<Pack<T, 4>*>(ptr + off) = p;
+      return;
+    }
+    for (int q = 0; q < 4; ++q)  // constant trip count keeps y in registers
+      if (q < count) ptr[off + q] = ElemTraits<T>::from_float(y[q]);
+  }
+};
+
+}  // namespace patch_embed
+}  // namespace pvt_fast

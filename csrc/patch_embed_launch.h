@@ -1,0 +1,42 @@
+// The boundary between the torch-facing op (patch_embed_op.cpp) and the CUDA kernel (patch_embed.cu): raw
+// pointers and a Geometry, so the .cu compiles without torch headers and the timing driver
+// (csrc/tests/patch_embed_bench.cpp) can call it directly.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "patch_embed_core.h"
+
+namespace pvt_fast {
+namespace patch_embed {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct LaunchArgs {
+  Geometry g;
+  DType dtype;  // of x and out
+  const void* x;
+  const void* weight;
+  bool weight_fp32;  // else x's dtype
+  const void* bias;
+  const void* norm_weight;
+  const void* norm_bias;
+  bool params_fp32;  // bias, norm_weight and norm_bias: float32, else x's dtype
+  int64_t bias_stride, norm_weight_stride, norm_bias_stride;
+  float eps;
+  void* out;  // contiguous (M, Cout), x's dtype
+};
+
+inline int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// The plan launch_patch_embed uses for these arguments.
+inline Plan plan_for(const LaunchArgs& a) {
+  const int es = elem_size(a.dtype);
+  return make_plan(a.g, es, choose_vec(a.g, es, reinterpret_cast<uintptr_t>(a.x)));
+}
+
+// Launches on `stream` on the current device; returns the launch's error code. Requires M >= 1.
+cudaError_t launch_patch_embed(const LaunchArgs& args, cudaStream_t stream);
+
+}  // namespace patch_embed
+}  // namespace pvt_fast

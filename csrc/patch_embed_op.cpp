@@ -1,0 +1,148 @@
+// CUDA implementation of pvt_fast::patch_embed and pvt_fast::_patch_embed_out (schemas defined in
+// pvt_fast/ops/patch_embed.py): input checks at the boundary, then the kernel in patch_embed.cu on the
+// current stream of x's device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "patch_embed_launch.h"
+#include "patch_embed_op.h"
+
+namespace pvt_fast {
+namespace patch_embed {
+namespace {
+
+constexpr int64_t kMaxCoordinate = int64_t{1} << 28;  // see kAbsent in patch_embed_core.h
+
+// "(2, 3, 13, 9)", as Python prints a shape.
+std::string shape_of(at::IntArrayRef sizes) {
+  std::string r = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) r += (i ? ", " : "") + std::to_string(sizes[i]);
+  return r + (sizes.size() == 1 ? ",)" : ")");
+}
+
+Layout parse_layout(c10::string_view layout) {
+  TORCH_CHECK_VALUE(layout == "nchw" || layout == "nhwc", "layout must be \"nchw\" or \"nhwc\", got \"",
+                    std::string(layout), "\"");
+  return layout == "nchw" ? Layout::kNCHW : Layout::kNHWC;
+}
+
+DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+void check_vector(const at::Tensor& t, const char* name, int64_t cout) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == cout, name, " must be (Cout,) == (", cout, ",), got ",
+                    shape_of(t.sizes()));
+}
+
+// Validates every argument and returns the problem geometry.
+Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                      const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t stride, int64_t padding,
+                      Layout layout) {
+  const char* x_shape = layout == Layout::kNCHW ? "(B, Cin, H, W)" : "(B, H, W, Cin)";
+  const char* layout_name = layout == Layout::kNCHW ? "\"nchw\"" : "\"nhwc\"";
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&weight, "weight"}, {&bias, "bias"}, {&norm_weight, "norm_weight"}, {&norm_bias, "norm_bias"}};
+  for (const auto& [t, name] : others)
+    TORCH_CHECK_VALUE(t->device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t->device());
+  dtype_of(x);  // rejects other dtypes
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be ", x_shape, " for layout ", layout_name, ", got ", shape_of(x.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.numel() > 0,
+                    "weight must be (Cout, Cin, k, k) with a square kernel and no empty dimension, got ",
+                    shape_of(weight.sizes()));
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
+                   "weight must have x's dtype (", x.scalar_type(), ") or float32, got ", weight.scalar_type());
+  const int64_t cout = weight.size(0), cin = weight.size(1), k = weight.size(2);
+  // x's dimensions holding channels, rows and columns.
+  const int c_dim = layout == Layout::kNCHW ? 1 : 3, h_dim = layout == Layout::kNCHW ? 2 : 1, w_dim = h_dim + 1;
+  TORCH_CHECK_VALUE(x.size(c_dim) == cin, "x must be ", x_shape, " with Cin == weight.shape[1] == ", cin,
+                    " for layout ", layout_name, ", got ", shape_of(x.sizes()));
+  TORCH_CHECK_VALUE(cin * k * k < (int64_t{1} << 31), "weight's Cin * k * k must be < 2^31, got ", cin * k * k);
+  TORCH_CHECK_VALUE(cout >= 1 && cout <= kMaxCout, "weight must have 1 to ", kMaxCout,
+                    " output channels for the CUDA kernel, got ", cout);
+  check_vector(bias, "bias", cout);
+  check_vector(norm_weight, "norm_weight", cout);
+  check_vector(norm_bias, "norm_bias", cout);
+  TORCH_CHECK_TYPE(bias.scalar_type() == norm_weight.scalar_type() && bias.scalar_type() == norm_bias.scalar_type() &&
+                   (bias.scalar_type() == x.scalar_type() || bias.scalar_type() == at::kFloat),
+                   "bias, norm_weight and norm_bias must share one dtype, x's (", x.scalar_type(),
+                   ") or float32, got ", bias.scalar_type(), ", ", norm_weight.scalar_type(), ", ",
+                   norm_bias.scalar_type());
+  TORCH_CHECK_VALUE(stride >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding >= 0 && padding < kMaxCoordinate, "padding must be in [0, 2^28), got ", padding);
+  const int64_t h = x.size(h_dim), w = x.size(w_dim);
+  TORCH_CHECK_VALUE(h < kMaxCoordinate && w < kMaxCoordinate && k < kMaxCoordinate,
+                    "x's height and width and the kernel size must be < 2^28, got (", h, ", ", w, ") and ", k);
+  TORCH_CHECK_VALUE(h + 2 * padding >= k && w + 2 * padding >= k, "x's padded size (", h + 2 * padding, ", ",
+                    w + 2 * padding, ") must be at least the kernel size ", k);
+
+  const int64_t x_strides[4] = {x.stride(0), x.stride(c_dim), x.stride(h_dim), x.stride(w_dim)};
+  const int64_t w_strides[4] = {weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3)};
+  return make_geometry(x.size(0), cin, h, w, cout, k, stride, padding, layout, x_strides, w_strides);
+}
+
+void run(const Geometry& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+         const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps, at::Tensor& out) {
+  if (g.M == 0) return;
+  LaunchArgs a{};
+  a.g = g;
+  a.dtype = dtype_of(x);
+  a.x = x.data_ptr();
+  a.weight = weight.data_ptr();
+  a.weight_fp32 = weight.scalar_type() == at::kFloat;
+  a.bias = bias.data_ptr();
+  a.norm_weight = norm_weight.data_ptr();
+  a.norm_bias = norm_bias.data_ptr();
+  a.params_fp32 = bias.scalar_type() == at::kFloat;
+  a.bias_stride = bias.stride(0);
+  a.norm_weight_stride = norm_weight.stride(0);
+  a.norm_bias_stride = norm_bias.stride(0);
+  a.eps = static_cast<float>(eps);
+  a.out = out.data_ptr();
+  const c10::cuda::CUDAGuard guard(x.device());
+  C10_CUDA_CHECK(launch_patch_embed(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+}
+
+}  // namespace
+
+at::Tensor patch_embed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t stride,
+                            int64_t padding, double eps, c10::string_view layout) {
+  const Geometry g =
+      check_inputs(x, weight, bias, norm_weight, norm_bias, stride, padding, parse_layout(layout));
+  at::Tensor out = at::empty({g.B, g.Ho * g.Wo, g.Cout}, x.options());
+  run(g, x, weight, bias, norm_weight, norm_bias, eps, out);
+  return out;
+}
+
+void patch_embed_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t stride,
+                          int64_t padding, double eps, c10::string_view layout, at::Tensor out) {
+  const Geometry g =
+      check_inputs(x, weight, bias, norm_weight, norm_bias, stride, padding, parse_layout(layout));
+  TORCH_CHECK_VALUE(out.device() == x.device() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                    out.sizes() == at::IntArrayRef({g.B, g.Ho * g.Wo, g.Cout}),
+                    "out must be a contiguous (B, Ho*Wo, Cout) == (", g.B, ", ", g.Ho * g.Wo, ", ", g.Cout,
+                    ") tensor of x's dtype and device, got ", shape_of(out.sizes()), " ", out.scalar_type(),
+                    " on ", out.device(), out.is_contiguous() ? "" : " (not contiguous)");
+  run(g, x, weight, bias, norm_weight, norm_bias, eps, out);
+}
+
+TORCH_LIBRARY_IMPL(pvt_fast, CUDA, m) {
+  m.impl("patch_embed", &patch_embed_cuda);
+  m.impl("_patch_embed_out", &patch_embed_out_cuda);
+}
+
+}  // namespace patch_embed
+}  // namespace pvt_fast

@@ -1,0 +1,373 @@
+// Host test of the patch-embedding kernel's core (csrc/patch_embed_core.h): runs whole problems through
+// the same table, gather, product and LayerNorm functions the CUDA kernel calls, block by block, tile by
+// tile and thread id by thread id, in the kernel's order, and checks
+//   - every x and weight read is inside its tensor and aligned for its width (padding is never read),
+//   - every output element is written exactly once,
+//   - the values match an independent double-precision conv + bias + LayerNorm,
+// for v1 and v2 geometries, both layouts, odd sizes and tails, generic strides, fp32 and bf16 storage.
+// Shared memory is poisoned with NaN before each problem, so a tile entry the gathers forget shows up.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "patch_embed_core.h"
+
+namespace pe = pvt_fast::patch_embed;
+
+// bf16 storage on the host: bits only, round-to-nearest-even from float.
+struct HostBf16 {
+  uint16_t bits;
+};
+
+template <>
+struct pe::ElemTraits<HostBf16> {
+  static float to_float(HostBf16 v) {
+    uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static HostBf16 from_float(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if (std::isnan(f)) return HostBf16{0x7fc0};
+    u += 0x7fff + ((u >> 16) & 1);
+    return HostBf16{static_cast<uint16_t>(u >> 16)};
+  }
+  static HostBf16 zero() { return HostBf16{0}; }
+};
+
+template <class T>
+float to_f(T v) { return pe::ElemTraits<T>::to_float(v); }
+template <class T>
+T from_f(float v) { return pe::ElemTraits<T>::from_float(v); }
+
+static int g_failures = 0;
+
+#define EXPECT(cond, ...)                                           \
+  do {                                                              \
+    if (!(cond)) {                                                  \
+      ++g_failures;                                                 \
+      std::printf("  FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                                     \
+      std::printf("\n");                                            \
+      return false;                                                 \
+    }                                                               \
+  } while (0)
+
+// Reads element `off` of a tensor spanning `span` elements; records the first bad access.
+template <class T>
+struct CheckedReader {
+  const T* ptr;
+  int64_t span;
+  std::string* error;
+  void check(int64_t off, int width) const {
+    if (!error->empty()) return;
+    if (off < 0 || off + width > span)
+      *error = "read [" + std::to_string(off) + ", " + std::to_string(off + width) + ") outside [0, " +
+               std::to_string(span) + ")";
+    else if (reinterpret_cast<uintptr_t>(ptr + off) % (width * sizeof(T)) != 0)
+      *error = "read of " + std::to_string(width) + " elements at " + std::to_string(off) + " is misaligned";
+  }
+  T load(int64_t off) const {
+    check(off, 1);
+    return (off >= 0 && off < span) ? ptr[off] : from_f<T>(NAN);
+  }
+  template <int V>
+  pe::Pack<T, V> load_pack(int64_t off) const {
+    check(off, V);
+    pe::Pack<T, V> p;
+    for (int i = 0; i < V; ++i) p.v[i] = (off + i >= 0 && off + i < span) ? ptr[off + i] : from_f<T>(NAN);
+    return p;
+  }
+};
+
+// Stores outputs (rounded to T) and counts writes per element.
+template <class T>
+struct CountingWriter {
+  float* values;
+  int* writes;
+  int64_t size;
+  std::string* error;
+  void store(int64_t off, const float* y, int count) const {
+    for (int q = 0; q < count; ++q) {
+      if (off + q < 0 || off + q >= size) {
+        if (error->empty()) *error = "write at " + std::to_string(off + q) + " outside the output";
+        continue;
+      }
+      values[off + q] = to_f(from_f<T>(y[q]));
+      ++writes[off + q];
+    }
+  }
+};
+
+struct Problem {
+  const char* name;
+  int64_t B, Cin, H, W, Cout, k, s, p;
+  pe::Layout layout;
+  bool odd_strides;  // x and weight stored in the other memory order, with gaps (generic strides)
+  int expect_vec;              // the vector width choose_vec must pick
+};
+
+// Strides of a tensor of logical `sizes` stored in memory in `order` (outermost first), with `gap`
+// unused elements after every innermost run (as in a slice of a wider tensor).
+struct Strided {
+  int64_t strides[4];
+  int64_t span;
+};
+
+static Strided make_strides(const int64_t sizes[4], const int order[4], int64_t gap) {
+  Strided s{};
+  int64_t step = 1;
+  for (int i = 3; i >= 0; --i) {
+    s.strides[order[i]] = step;
+    step *= sizes[order[i]];
+    if (i == 3) step += gap;
+  }
+  s.span = step;
+  return s;
+}
+
+static double ref_value(const Problem& pr, const pe::Geometry& g, const std::vector<double>& x,
+                        const std::vector<double>& w, int64_t b, int64_t ho, int64_t wo, int64_t co) {
+  double acc = 0;
+  for (int64_t ci = 0; ci < pr.Cin; ++ci)
+    for (int64_t kh = 0; kh < pr.k; ++kh)
+      for (int64_t kw = 0; kw < pr.k; ++kw) {
+        const int64_t ih = ho * pr.s - pr.p + kh, iw = wo * pr.s - pr.p + kw;
+        if (ih < 0 || ih >= pr.H || iw < 0 || iw >= pr.W) continue;
+        acc += x[b * g.xs_b + ci * g.xs_c + ih * g.xs_h + iw * g.xs_w] *
+               w[co * g.ws_o + ci * g.ws_c + kh * g.ws_h + kw * g.ws_w];
+      }
+  return acc;
+}
+
+// The invariants the kernel relies on (see gather_a, tensor_core_chunk, normalize_tile).
+static bool check_plan(const pe::Geometry& g, const pe::Plan& pl, int vec, int es, const std::string& name) {
+  EXPECT(pl.warps_m * pl.warps_n == pl.warps && pl.threads == 32 * pl.warps && pl.bm == 16 * pl.warps_m,
+         "%s: warp grid %dx%d for %d warps", name.c_str(), pl.warps_m, pl.warps_n, pl.warps);
+  EXPECT(pl.npad >= g.Cout && pl.npad % 16 == 0 &&
+             (pl.npad / 16 + pl.warps_n - 1) / pl.warps_n <= pe::kMaxFragmentsPerWarp,
+         "%s: npad %d needs more than %d fragments per warp", name.c_str(), pl.npad, pe::kMaxFragmentsPerWarp);
+  EXPECT(pl.threads % pl.bm == 0 && pl.bm % (32 / pl.lanes_per_row) == 0 && pl.lanes_per_row >= 1 &&
+             pl.lanes_per_row <= 32 && (pl.lanes_per_row & (pl.lanes_per_row - 1)) == 0,
+         "%s: bm %d, lanes per row %d", name.c_str(), pl.bm, pl.lanes_per_row);
+  EXPECT(pl.bk % 16 == 0 && pl.bk % vec == 0 && static_cast<int64_t>(pl.chunks) * pl.bk >= g.K &&
+             static_cast<int64_t>(pl.chunks - 1) * pl.bk < g.K && pl.lda * es % 16 == 0 && pl.ldw * es % 16 == 0 &&
+             pl.ldc % 4 == 0,
+         "%s: bk %d, chunks %d, K %lld", name.c_str(), pl.bk, pl.chunks, (long long)g.K);
+  EXPECT(pl.smem_bytes <= pe::kMaxSmemBytes &&
+             pl.off_w % 128 == 0 && pl.off_a % 128 == 0 && pl.off_c % 128 == 0,
+         "%s: plan needs %d bytes of shared memory", name.c_str(), pl.smem_bytes);
+  return true;
+}
+
+// Every Cout the op accepts, with small to large K, for both element sizes, gets a valid plan.
+static void sweep_plans() {
+  int plans = 0, before = g_failures;
+  const int64_t unit[4] = {1, 1, 1, 1};
+  for (int64_t cout = 1; cout <= pe::kMaxCout; ++cout)
+    for (int64_t cin : {int64_t{1}, int64_t{3}, int64_t{64}, int64_t{320}, int64_t{1024}, int64_t{1} << 26})
+      for (int64_t k : {1, 2, 3, 4, 7})
+        for (int es : {2, 4}) {
+          const pe::Geometry g = pe::make_geometry(1, cin, 8, 8, cout, k, 1, 0, pe::Layout::kNHWC, unit, unit);
+          ++plans;
+          if (!check_plan(g, pe::make_plan(g, es, 1), 1, es, "sweep Cout " + std::to_string(cout))) return;
+        }
+  if (g_failures == before)
+    std::printf("  ok  %d plans (Cout 1..%d, K 1..%lld, 2- and 4-byte elements)\n", plans, pe::kMaxCout,
+                (long long)(int64_t{49} << 26));
+}
+
+// Runs one problem with x stored as T (weights stored as float, rounded to T in the weight gather, as
+// the kernel does under autocast) on `grid` emulated blocks; returns false on the first failure.
+template <class T, int V>
+static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed) {
+  const int64_t x_sizes[4] = {pr.B, pr.Cin, pr.H, pr.W};  // logical b, c, h, w
+  // Memory order of x: nchw -> b,c,h,w; nhwc -> b,h,w,c; odd_strides swaps to the other.
+  const bool nhwc_memory = (pr.layout == pe::Layout::kNHWC) != pr.odd_strides;
+  const int x_order_nchw[4] = {0, 1, 2, 3}, x_order_nhwc[4] = {0, 2, 3, 1};
+  const Strided xs = make_strides(x_sizes, nhwc_memory ? x_order_nhwc : x_order_nchw, pr.odd_strides ? 3 : 0);
+  const int64_t w_sizes[4] = {pr.Cout, pr.Cin, pr.k, pr.k};
+  const Strided wst = make_strides(w_sizes, pr.odd_strides ? x_order_nhwc : x_order_nchw, pr.odd_strides ? 1 : 0);
+  const pe::Geometry g = pe::make_geometry(pr.B, pr.Cin, pr.H, pr.W, pr.Cout, pr.k, pr.s, pr.p, pr.layout,
+                                           xs.strides, wst.strides);
+
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<T> x(xs.span);
+  std::vector<double> x_ref(xs.span);
+  for (int64_t i = 0; i < xs.span; ++i) {
+    x[i] = from_f<T>(normal(rng));
+    x_ref[i] = to_f(x[i]);
+  }
+  std::vector<float> w(wst.span);
+  std::vector<double> w_ref(wst.span);
+  for (int64_t i = 0; i < wst.span; ++i) {
+    w[i] = normal(rng) * 0.3f;
+    w_ref[i] = to_f(from_f<T>(w[i]));  // the kernel multiplies in T
+  }
+  std::vector<float> bias(pr.Cout), gamma(pr.Cout), beta(pr.Cout);
+  for (int64_t i = 0; i < pr.Cout; ++i) {
+    bias[i] = normal(rng) * 0.5f;
+    gamma[i] = 1.f + 0.2f * normal(rng);
+    beta[i] = 0.1f * normal(rng);
+  }
+  const float eps = 1e-5f;
+
+  const int vec = pe::choose_vec(g, sizeof(T), reinterpret_cast<uintptr_t>(x.data()));
+  EXPECT(vec == pr.expect_vec, "%s: choose_vec picked %d, expected %d", pr.name, vec, pr.expect_vec);
+  EXPECT(vec == V, "%s: instantiated with V=%d but the plan wants %d", pr.name, V, vec);
+  const pe::Plan pl = pe::make_plan(g, sizeof(T), vec);
+  if (!check_plan(g, pl, V, sizeof(T), pr.name)) return false;
+
+  std::string read_error, write_error;
+  const CheckedReader<T> xr{x.data(), xs.span, &read_error};
+  const CheckedReader<float> wr{w.data(), wst.span, &read_error};
+  std::vector<float> out(g.M * g.Cout, NAN);
+  std::vector<int> writes(g.M * g.Cout, 0);
+  const CountingWriter<T> writer{out.data(), writes.data(), g.M * g.Cout, &write_error};
+
+  const int nt = pl.threads;
+  for (int block = 0; block < grid; ++block) {
+    // This block's shared memory, poisoned.
+    std::vector<float> params(3 * pl.npad, NAN);
+    std::vector<T> ws(pl.npad * pl.ldw, from_f<T>(NAN)), a(pl.bm * pl.lda, from_f<T>(NAN));
+    std::vector<float> c(pl.bm * pl.ldc, NAN);
+    // Poisoned tables point far outside x, so an entry the builders skip makes an out-of-bounds read.
+    std::vector<pe::TokenOrigin> tok(pl.bm, pe::TokenOrigin{int64_t{1} << 40, 0, 0});
+    std::vector<pe::ColumnTap> col(pl.bk, pe::ColumnTap{int64_t{1} << 40, int64_t{1} << 40, 0, 0});
+
+    for (int tid = 0; tid < nt; ++tid)
+      pe::load_params(pl, g.Cout, bias.data(), gamma.data(), beta.data(), 1, 1, 1, params.data(), tid, nt);
+    const bool resident = pl.chunks == 1;
+    if (resident) {
+      for (int tid = 0; tid < nt; ++tid) pe::build_columns(g, pl, 0, col.data(), tid, nt);
+      for (int tid = 0; tid < nt; ++tid) pe::gather_w<T, float>(g, pl, col.data(), wr, ws.data(), tid, nt);
+    }
+    for (int64_t tile = block; tile < pl.tiles; tile += grid) {
+      const int64_t m0 = tile * pl.bm;
+      for (int tid = 0; tid < nt; ++tid) pe::build_tokens(g, pl, m0, tok.data(), tid, nt);
+      for (int chunk = 0; chunk < pl.chunks; ++chunk) {
+        if (!resident)
+          for (int tid = 0; tid < nt; ++tid) pe::build_columns(g, pl, chunk, col.data(), tid, nt);
+        for (int tid = 0; tid < nt; ++tid)
+          pe::gather_a<T, V>(g, pl, tok.data(), col.data(), xr, a.data(), tid, nt);
+        if (!resident)
+          for (int tid = 0; tid < nt; ++tid) pe::gather_w<T, float>(g, pl, col.data(), wr, ws.data(), tid, nt);
+        for (int tid = 0; tid < nt; ++tid)
+          pe::simt_mma_chunk(pl, a.data(), ws.data(), c.data(), chunk == 0, tid, nt);
+      }
+      // The kernel's epilogue: warp w, lane l handles row r0 + l / lanes with r0 = w * rows_per_warp,
+      // w * rows_per_warp + warps * rows_per_warp, ...; the lanes of a row add their partials.
+      const int lanes = pl.lanes_per_row, rows_per_warp = 32 / lanes;
+      for (int warp = 0; warp < pl.warps; ++warp)
+        for (int r0 = warp * rows_per_warp; r0 < pl.bm; r0 += pl.warps * rows_per_warp)
+          for (int lr = 0; lr < rows_per_warp; ++lr) {
+            const int r = r0 + lr;
+            const float* c_row = c.data() + r * pl.ldc;
+            float s = 0, q = 0;
+            for (int sub = 0; sub < lanes; ++sub)
+              s += pe::row_partial_sum(c_row, params.data(), g.Cout, pl.npad, sub, lanes);
+            const float mean = s / static_cast<float>(g.Cout);
+            for (int sub = 0; sub < lanes; ++sub)
+              q += pe::row_partial_sqdev(c_row, params.data(), g.Cout, pl.npad, mean, sub, lanes);
+            const float rstd = 1.f / std::sqrt(q / static_cast<float>(g.Cout) + eps);
+            const int64_t m = m0 + r;
+            if (m < g.M)
+              for (int sub = 0; sub < lanes; ++sub)
+                pe::row_store(c_row, params.data(), g.Cout, pl.npad, mean, rstd, sub, lanes, m * g.Cout, writer);
+          }
+    }
+  }
+  EXPECT(read_error.empty(), "%s: %s", pr.name, read_error.c_str());
+  EXPECT(write_error.empty(), "%s: %s", pr.name, write_error.c_str());
+
+  double max_err = 0;
+  for (int64_t m = 0; m < g.M; ++m) {
+    const int64_t wo = m % g.Wo, ho = (m / g.Wo) % g.Ho, b = m / (g.Wo * g.Ho);
+    std::vector<double> v(pr.Cout);
+    double mean = 0, var = 0;
+    for (int64_t co = 0; co < pr.Cout; ++co) {
+      v[co] = ref_value(pr, g, x_ref, w_ref, b, ho, wo, co) + bias[co];
+      mean += v[co];
+    }
+    mean /= pr.Cout;
+    for (int64_t co = 0; co < pr.Cout; ++co) var += (v[co] - mean) * (v[co] - mean);
+    var /= pr.Cout;
+    for (int64_t co = 0; co < pr.Cout; ++co) {
+      const int64_t off = m * pr.Cout + co;
+      EXPECT(writes[off] == 1, "%s: output (b=%lld, ho=%lld, wo=%lld, c=%lld) written %d times", pr.name,
+             (long long)b, (long long)ho, (long long)wo, (long long)co, writes[off]);
+      const double ref = (v[co] - mean) / std::sqrt(var + eps) * gamma[co] + beta[co];
+      const double err = std::fabs(out[off] - ref);
+      EXPECT(err <= tol * (1 + std::fabs(ref)), "%s: output (b=%lld, ho=%lld, wo=%lld, c=%lld) = %.7g, reference %.7g",
+             pr.name, (long long)b, (long long)ho, (long long)wo, (long long)co, out[off], ref);
+      if (err > max_err) max_err = err;
+    }
+  }
+  std::printf("  ok  %-44s M=%-5lld K=%-5lld bm=%-3d bk=%-3d chunks=%-2d vec=%d max|err|=%.2e\n", pr.name,
+              (long long)g.M, (long long)g.K, pl.bm, pl.bk, pl.chunks, V, max_err);
+  return true;
+}
+
+int main() {
+  using L = pe::Layout;
+  const L NCHW = L::kNCHW, NHWC = L::kNHWC;
+  // name, B, Cin, H, W, Cout, k, s, p, layout, permuted strides, expected fp32 vector width
+  const Problem fp32_cases[] = {
+      {"v1 stage 1 k4s4p0 nchw 16x20", 2, 3, 16, 20, 64, 4, 4, 0, NCHW, false, 4},
+      {"v1 stage 1 k4s4p0 nchw 13x9 (tails)", 2, 3, 13, 9, 64, 4, 4, 0, NCHW, false, 1},
+      {"v1 stage 1 k4s4p0 nchw 52x44 (3 tiles)", 2, 3, 52, 44, 64, 4, 4, 0, NCHW, false, 4},
+      {"v1 stage 1 k4s4p0 nchw 55x45 (3 tiles, tails)", 2, 3, 55, 45, 64, 4, 4, 0, NCHW, false, 1},
+      {"v1 k4s4p0 nchw, channels-last strides + gaps", 1, 3, 12, 16, 64, 4, 4, 0, NCHW, true, 1},
+      {"v1 stage 2 k2s2p0 nhwc Cin 64", 3, 64, 19, 19, 128, 2, 2, 0, NHWC, false, 4},
+      {"v1 k2s2p0 nhwc Cin 5 Cout 37", 1, 5, 13, 9, 37, 2, 2, 0, NHWC, false, 1},
+      {"v1 stage 3 k2s2p0 nhwc Cout 320 (streamed)", 1, 128, 7, 9, 320, 2, 2, 0, NHWC, false, 4},
+      {"v1 k2s2p0 nhwc, nchw strides + gaps", 2, 8, 9, 7, 48, 2, 2, 0, NHWC, true, 1},
+      {"v2 stage 1 k7s4p3 nchw 13x9", 2, 3, 13, 9, 64, 7, 4, 3, NCHW, false, 1},
+      {"v2 stage 1 k7s4p3 nchw 61x47 (3 tiles)", 1, 3, 61, 47, 32, 7, 4, 3, NCHW, false, 1},
+      {"v2 stage 2 k3s2p1 nhwc Cin 64 Cout 160", 1, 64, 13, 9, 160, 3, 2, 1, NHWC, false, 4},
+      {"v2 k3s2p1 nhwc Cin 3 (odd K)", 2, 3, 11, 6, 16, 3, 2, 1, NHWC, false, 1},
+      {"k3s1p2 nchw (whole windows in padding)", 1, 2, 5, 4, 24, 3, 1, 2, NCHW, false, 1},
+      {"k4s4p4 nchw (vector loads in padding)", 2, 3, 12, 16, 24, 4, 4, 4, NCHW, false, 4},
+      {"k2s2p0 nhwc Cout 1024 (streamed, 16 warps)", 1, 16, 6, 6, 1024, 2, 2, 0, NHWC, false, 4},
+      {"k2s2p0 nchw batch 1 single token", 1, 4, 2, 3, 20, 2, 2, 0, NCHW, false, 1},
+  };
+  const Problem bf16_cases[] = {
+      {"bf16 v1 stage 1 k4s4p0 nchw 8x12", 2, 3, 8, 12, 64, 4, 4, 0, NCHW, false, 4},
+      {"bf16 v1 stage 2 k2s2p0 nhwc Cin 64", 2, 64, 19, 15, 128, 2, 2, 0, NHWC, false, 8},
+      {"bf16 v2 stage 1 k7s4p3 nchw 13x9", 1, 3, 13, 9, 64, 7, 4, 3, NCHW, false, 1},
+      {"bf16 v2 stage 1 k7s4p3 nchw 67x53 (3 tiles)", 1, 3, 67, 53, 64, 7, 4, 3, NCHW, false, 1},
+      {"bf16 v2 stage 3 k3s2p1 nhwc Cin 128 Cout 320", 1, 128, 5, 7, 320, 3, 2, 1, NHWC, false, 8},
+  };
+  int total = 1;
+  std::printf("plans\n");
+  sweep_plans();
+  std::printf("fp32 storage (tolerance 1e-4)\n");
+  for (const Problem& pr : fp32_cases) {
+    ++total;
+    if (pr.expect_vec == 4)
+      run_problem<float, 4>(pr, 3, 1e-4, 1234 + total);
+    else
+      run_problem<float, 1>(pr, 3, 1e-4, 1234 + total);
+  }
+  // bf16 outputs are rounded to 8 significant bits: half an ulp is 2^-9 relative.
+  std::printf("bf16 storage (tolerance 2^-8)\n");
+  for (const Problem& pr : bf16_cases) {
+    ++total;
+    if (pr.expect_vec == 8)
+      run_problem<HostBf16, 8>(pr, 2, 1.0 / 256, 99 + total);
+    else if (pr.expect_vec == 4)
+      run_problem<HostBf16, 4>(pr, 2, 1.0 / 256, 99 + total);
+    else
+      run_problem<HostBf16, 1>(pr, 2, 1.0 / 256, 99 + total);
+  }
+  std::printf("%d of %d problems passed\n", total - g_failures, total);
+  return g_failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
