@@ -37,8 +37,6 @@ demo: install
 test: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not aot" -p no:cacheprovider
 	$(BIN)/python -m pytest -q -m aot -p no:cacheprovider
-	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build/cmake -j2 >/dev/null \
-		&& ctest --test-dir build/cmake --output-on-failure
 	$(BIN)/python -m pytest -q benchmarks/ --benchmark-disable -m "not compiled" -p no:cacheprovider
 
 test-full: install
