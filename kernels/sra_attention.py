@@ -1,0 +1,599 @@
+"""Spatial-reduction attention: fused Triton forward and backward, and the plain-PyTorch reference.
+
+For every batch ``b`` and head ``h`` (``d = C // heads`` columns wide)::
+
+    S = scale * Q K^T            (N, M)     Q = q[b, :, h*d:(h+1)*d]
+    lse = logsumexp(S, dim=-1)   (N,)       K = kv[b, :, h*d:(h+1)*d]
+    O = exp(S - lse) V           (N, d)     V = kv[b, :, C + h*d : C + (h+1)*d]
+
+Layouts, all read and written in place (last-dim stride 1, other strides passed to the kernels):
+``q`` and ``o`` are ``(B, N, C)`` (the q Linear's output and the proj Linear's input), ``kv`` is
+``(B, M, 2C)`` (the kv Linear's output, K in the first C columns), ``lse`` is ``(B, heads, N)`` fp32.
+The gradient ``dkv`` has the layout of ``kv``; ``dq`` that of ``q``.
+
+The forward is flash attention: each program owns ``BLOCK_N`` queries of one (b, h), keeps them in
+registers and streams K/V in ``BLOCK_M``-key blocks with an online softmax in base 2 (``scale * log2 e``
+folded into one multiply). When M fits one block (PVT at 224: M = 49) the loop runs once, so K/V are
+read once per program. The backward is flash attention's: a preprocess computes ``delta = rowsum(dO * O)``,
+one kernel walks the queries for each key block (dK, dV), one walks the keys for each query block (dQ).
+Both recompute ``P = exp(S - lse)``; nothing is accumulated with atomics, so results are bitwise
+reproducible. When few key blocks exist (small M, large N) the dK/dV kernel splits the queries into
+``num_splits`` ranges that write fp32 partial sums, added in a fixed order afterwards.
+
+Head dims up to 128: the head-dim block is the next power of two >= 32, masked beyond d. The block sizes
+come from one table per kernel (``_CONFIGS``) indexed by what tl.dot multiplies (fp16/bf16, tf32, or
+ieee fp32) and the head-dim block, each entry free of register spills on sm_80 and sm_90 (checked by
+``python -m pvt_fast.kernels.report``); M <= 16 uses 16-key blocks. The backward's largest tiles re-read
+their loop-invariant operand from L1/L2 every iteration (``RELOAD``) where holding it would spill.
+
+FLOPs (multiply-add = 2): forward ``4 B heads N M d``; backward ``10 B heads N M d`` counted the usual
+way (S recomputed once, dP, dV, dK, dQ), of which these kernels execute ``14 B heads N M d`` because the
+dQ kernel recomputes S and dP instead of storing them.
+
+Bytes from HBM, e bytes per element (K/V re-reads of later programs come from L2, which holds them when M
+is small): forward reads ``e (B N C + 2 B M C)``, writes ``e B N C + 4 B heads N`` (o, lse). Backward
+reads q, dO, o, kv and lse (``e (3 B N C + 2 B M C) + 4 B heads N``), writes and re-reads delta twice
+(``12 B heads N``), writes ``e (B N C + 2 B M C)`` (dq, dkv), plus ``8 splits B M C`` written and read
+for split dK/dV partial sums; q and dO are read once more per key block by the dK/dV kernel, from L2
+when M is small and from HBM otherwise (``e 2 B N C`` per key block).
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from pvt_fast.kernels._aot import AotSpec
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
+                   BLOCK_M: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys [key_start, key_start + BLOCK_M); masks keys >= M if MASK_KEYS."""
+    keys = key_start + tl.arange(0, BLOCK_M)
+    offs = keys.to(tl.int64)[:, None] * stride_kvm + cols[None, :]
+    kv_mask = col_ok[None, :]
+    if MASK_KEYS:
+        kv_mask = kv_mask & (keys < M)[:, None]
+    k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+    if MASK_KEYS:
+        s = tl.where((keys < M)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sra_attention_fwd_kernel(
+    q_ptr, kv_ptr, o_ptr, lse_ptr, qk_scale_log2, N, M, heads,
+    stride_qb, stride_qn, stride_kvb, stride_kvm, stride_ob, stride_on,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """o = softmax(scale q k^T) v and lse for queries [pid0 * BLOCK_N, +BLOCK_N) of (b, h) = divmod(pid1, heads).
+
+    q_ptr: (B, N, heads*HEAD_DIM), strides (stride_qb, stride_qn, 1); kv_ptr: (B, M, 2*heads*HEAD_DIM),
+    strides (stride_kvb, stride_kvm, 1); o_ptr like q (strides stride_ob, stride_on); lse_ptr: (B, heads, N)
+    fp32 contiguous, natural-log logsumexp of the scaled scores. qk_scale_log2 = scale * log2(e).
+    Masked: query rows >= N (loaded as 0, not stored), keys >= M (score -inf, only in the last key
+    block), head-dim columns >= HEAD_DIM up to the power-of-two BLOCK_D (loaded as 0, not stored).
+    FLOPs 4 * BLOCK_N * M * HEAD_DIM per program. Bytes: q and o once (2 N C elements per batch), K/V of
+    the head once per program (2 M d elements, from L2 after the first program), lse 4 N bytes per head.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < HEAD_DIM
+    q_mask = row_ok[:, None] & col_ok[None, :]
+    q = tl.load(q_ptr + b * stride_qb + h * HEAD_DIM + rows[:, None] * stride_qn + cols[None, :], mask=q_mask,
+                other=0.0)
+    k_base = kv_ptr + b * stride_kvb + h * HEAD_DIM
+    v_base = k_base + heads * HEAD_DIM
+
+    m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    full_end = (M // BLOCK_M) * BLOCK_M
+    for key_start in range(0, full_end, BLOCK_M):
+        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, key_start, M, stride_kvm, cols, col_ok,
+                                       qk_scale_log2, BLOCK_M, False, INPUT_PRECISION)
+    if full_end < M:
+        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, full_end, M, stride_kvm, cols, col_ok,
+                                       qk_scale_log2, BLOCK_M, True, INPUT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    o_ptrs = o_ptr + b * stride_ob + h * HEAD_DIM + rows[:, None] * stride_on + cols[None, :]
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=q_mask)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _sra_attention_bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, N, heads, stride_ob, stride_on, stride_dob, stride_don,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """delta[b, h, n] = sum_j dO[b, n, h*d + j] * O[b, n, h*d + j] in fp32, for BLOCK_N rows of one (b, h).
+
+    o_ptr, do_ptr: (B, N, heads*HEAD_DIM) with the given strides (last 1); delta_ptr: (B, heads, N) fp32
+    contiguous. Masked: rows >= N, columns >= HEAD_DIM. FLOPs 2 N C; bytes 2 N C elements read, 4 N heads written.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    mask = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+    o = tl.load(o_ptr + b * stride_ob + h * HEAD_DIM + rows[:, None] * stride_on + cols[None, :], mask=mask,
+                other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * HEAD_DIM + rows[:, None] * stride_don + cols[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * N + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_query_block(dk, dv, k, v, k_block, v_block, key_rows, key_ok, stride_kvm, q_base, do_base, lse_base,
+                      delta_base, row_start, N, stride_qn, stride_don, cols, col_ok, qk_scale_log2,
+                      BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, RELOAD: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr):
+    """Adds the contribution of queries [row_start, row_start + BLOCK_N) to dK (unscaled) and dV.
+
+    Works on transposed scores (keys x queries) so both updates are plain dots. Masked rows load
+    q = dO = 0 and lse = +inf, which makes their P column exactly 0. Padded keys (k = v = 0) score 0,
+    and exp(0 - lse) may overflow in their rows; rows never mix in these dots and padded rows are never
+    stored. With RELOAD the K/V block is read again (from L1/L2) instead of being held in registers.
+    """
+    if RELOAD:
+        kv_offs = key_rows[:, None] * stride_kvm + cols[None, :]
+        kv_mask = key_ok[:, None] & col_ok[None, :]
+        k = tl.load(k_block + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_block + kv_offs, mask=kv_mask, other=0.0)
+    rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask = col_ok[None, :]
+    if MASK_ROWS:
+        row_ok = rows < N
+        mask = mask & row_ok[:, None]
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    q = tl.load(q_base + rows[:, None] * stride_qn + cols[None, :], mask=mask, other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_don + cols[None, :], mask=mask, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
+    p_t = tl.exp2(s_t - (lse * 1.4426950408889634)[None, :])
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _sra_attention_bwd_dkdv_kernel(
+    q_ptr, kv_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, scale, qk_scale_log2, N, M, heads, rows_per_split,
+    stride_qb, stride_qn, stride_kvb, stride_kvm, stride_dob, stride_don, stride_dkvs, stride_dkvb, stride_dkvm,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dK = scale * dS^T Q and dV = P^T dO for keys [pid0 * BLOCK_M, +BLOCK_M) of (b, h) = divmod(pid1, heads),
+    summed over the queries [pid2 * rows_per_split, +rows_per_split) (rows_per_split a multiple of BLOCK_N).
+
+    P = exp(scale Q K^T - lse), dP = dO V^T, dS = P * (dP - delta). q_ptr, do_ptr: (B, N, heads*HEAD_DIM)
+    (last stride 1); kv_ptr: (B, M, 2*heads*HEAD_DIM); lse_ptr, delta_ptr: (B, heads, N) fp32 contiguous;
+    dkv_ptr: (splits, B, M, 2*heads*HEAD_DIM) with strides (stride_dkvs, stride_dkvb, stride_dkvm, 1) -- the
+    kv gradient itself when there is one split (stride_dkvs unused), an fp32 partial-sum buffer otherwise;
+    dK goes to the K columns of head h, dV to its V columns. Masked: keys >= M (loaded as 0, not stored),
+    query rows >= N (only in the last query block of the range), columns >= HEAD_DIM.
+    RELOAD re-reads K/V every query block (large head dims and fp32, where holding them spills registers).
+    FLOPs 8 * BLOCK_M * rows * HEAD_DIM per program. Bytes: K/V block once (per query block with RELOAD),
+    q and dO of the range once per key block (from L2 when M is small), lse and delta 8 bytes per row,
+    dK/dV block written once.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_split = tl.program_id(2).to(tl.int64)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    first_key = pid_m.to(tl.int64) * BLOCK_M
+    key_rows = tl.arange(0, BLOCK_M)
+    key_ok = first_key + key_rows < M
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    k_block = kv_ptr + b * stride_kvb + h * HEAD_DIM + first_key * stride_kvm
+    v_block = k_block + heads * HEAD_DIM
+    kv_offs = key_rows[:, None] * stride_kvm + cols[None, :]
+    kv_mask = key_ok[:, None] & col_ok[None, :]
+    k = tl.load(k_block + kv_offs, mask=kv_mask, other=0.0)  # dead (and removed) with RELOAD
+    v = tl.load(v_block + kv_offs, mask=kv_mask, other=0.0)
+
+    q_base = q_ptr + b * stride_qb + h * HEAD_DIM
+    do_base = do_ptr + b * stride_dob + h * HEAD_DIM
+    lse_base = lse_ptr + pid_bh.to(tl.int64) * N
+    delta_base = delta_ptr + pid_bh.to(tl.int64) * N
+    dk = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    row_begin = pid_split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, N)
+    full_end = row_begin + (row_end - row_begin) // BLOCK_N * BLOCK_N
+    for row_start in range(row_begin, full_end, BLOCK_N):
+        dk, dv = _dkdv_query_block(dk, dv, k, v, k_block, v_block, key_rows, key_ok, stride_kvm, q_base, do_base,
+                                   lse_base, delta_base, row_start, N, stride_qn, stride_don, cols, col_ok,
+                                   qk_scale_log2, BLOCK_N, False, RELOAD, INPUT_PRECISION)
+    if full_end < row_end:
+        dk, dv = _dkdv_query_block(dk, dv, k, v, k_block, v_block, key_rows, key_ok, stride_kvm, q_base, do_base,
+                                   lse_base, delta_base, full_end, N, stride_qn, stride_don, cols, col_ok,
+                                   qk_scale_log2, BLOCK_N, True, RELOAD, INPUT_PRECISION)
+
+    dk_block = dkv_ptr + pid_split * stride_dkvs + b * stride_dkvb + h * HEAD_DIM + first_key * stride_dkvm
+    dkv_offs = key_rows[:, None] * stride_dkvm + cols[None, :]
+    out_ty = dkv_ptr.dtype.element_ty
+    tl.store(dk_block + dkv_offs, (dk * scale).to(out_ty), mask=kv_mask)
+    tl.store(dk_block + heads * HEAD_DIM + dkv_offs, dv.to(out_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_key_block(dq, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don, lse2, delta, k_base, v_base,
+                  key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
+                  BLOCK_M: tl.constexpr, MASK_KEYS: tl.constexpr, RELOAD: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """Adds dS K (unscaled) over keys [key_start, key_start + BLOCK_M) to dq; masks keys >= M if MASK_KEYS.
+    With RELOAD the q and dO rows are read again (from L1/L2) instead of being held in registers."""
+    if RELOAD:
+        row_mask = row_ok[:, None] & col_ok[None, :]
+        q = tl.load(q_block + row_idx[:, None] * stride_qn + cols[None, :], mask=row_mask, other=0.0)
+        do = tl.load(do_block + row_idx[:, None] * stride_don + cols[None, :], mask=row_mask, other=0.0)
+    keys = key_start + tl.arange(0, BLOCK_M)
+    offs = keys.to(tl.int64)[:, None] * stride_kvm + cols[None, :]
+    kv_mask = col_ok[None, :]
+    if MASK_KEYS:
+        kv_mask = kv_mask & (keys < M)[:, None]
+    k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+    p = tl.exp2(s - lse2[:, None])
+    if MASK_KEYS:
+        # A padded key scores 0, whose exp can overflow when every real score is very negative.
+        p = tl.where((keys < M)[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _sra_attention_bwd_dq_kernel(
+    q_ptr, kv_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, scale, qk_scale_log2, N, M, heads,
+    stride_qb, stride_qn, stride_kvb, stride_kvm, stride_dob, stride_don, stride_dqb, stride_dqn,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dQ = scale * dS K for queries [pid0 * BLOCK_N, +BLOCK_N) of (b, h) = divmod(pid1, heads), over all keys.
+
+    dS = P * (dO V^T - delta) with P = exp(scale Q K^T - lse). q_ptr, do_ptr, dq_ptr: (B, N, heads*HEAD_DIM)
+    with the given strides (last 1); kv_ptr: (B, M, 2*heads*HEAD_DIM); lse_ptr, delta_ptr: (B, heads, N) fp32.
+    Masked: rows >= N (lse = +inf gives P = 0; not stored), keys >= M (P forced to 0, only in the last key
+    block), columns >= HEAD_DIM. RELOAD re-reads the q and dO rows every key block (large head dims and fp32).
+    FLOPs 6 * BLOCK_N * M * HEAD_DIM per program. Bytes: q, dO (per key block with RELOAD) and dQ rows once,
+    K/V of the head once per program (from L2), lse and delta 8 bytes per row.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    first_row = pid_n.to(tl.int64) * BLOCK_N
+    row_idx = tl.arange(0, BLOCK_N)
+    rows = first_row + row_idx
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < HEAD_DIM
+    mask = row_ok[:, None] & col_ok[None, :]
+    q_block = q_ptr + b * stride_qb + h * HEAD_DIM + first_row * stride_qn
+    do_block = do_ptr + b * stride_dob + h * HEAD_DIM + first_row * stride_don
+    q = tl.load(q_block + row_idx[:, None] * stride_qn + cols[None, :], mask=mask, other=0.0)  # dead with RELOAD
+    do = tl.load(do_block + row_idx[:, None] * stride_don + cols[None, :], mask=mask, other=0.0)
+    lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+    k_base = kv_ptr + b * stride_kvb + h * HEAD_DIM
+    v_base = k_base + heads * HEAD_DIM
+
+    dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    full_end = (M // BLOCK_M) * BLOCK_M
+    for key_start in range(0, full_end, BLOCK_M):
+        dq = _dq_key_block(dq, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don, lse2, delta, k_base,
+                           v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2, BLOCK_M, False, RELOAD,
+                           INPUT_PRECISION)
+    if full_end < M:
+        dq = _dq_key_block(dq, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don, lse2, delta, k_base,
+                           v_base, full_end, M, stride_kvm, cols, col_ok, qk_scale_log2, BLOCK_M, True, RELOAD,
+                           INPUT_PRECISION)
+    dq_ptrs = dq_ptr + b * stride_dqb + h * HEAD_DIM + rows[:, None] * stride_dqn + cols[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+# Launch configurations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    block_n: int  # queries per block
+    block_m: int  # keys per block
+    num_warps: int
+    reload: bool = False  # backward only: re-read the loop-invariant tiles instead of holding them
+    num_stages: int = 2
+
+
+# Every entry compiles without register spills for sm_80 and sm_90 (python -m pvt_fast.kernels.report).
+# On sm_80 the dots chained through the softmax put all warps along the rows of a block, 16 rows each;
+# "ieee" fp32 dots run on the FMA units, whose operand layout needs 16 x 16 tiles. fp32 with a 128-wide
+# head block takes the ieee kernels even when tf32 is allowed: no tf32 tiling of it stays in registers.
+_CONFIGS = {
+    # (kernel, dot inputs, BLOCK_D): _Config(BLOCK_N, BLOCK_M, num_warps[, reload])
+    ("fwd", "16-bit", 32): _Config(128, 64, 8),
+    ("fwd", "16-bit", 64): _Config(128, 64, 8),
+    ("fwd", "16-bit", 128): _Config(128, 64, 8),
+    ("fwd", "tf32", 32): _Config(64, 64, 4),
+    ("fwd", "tf32", 64): _Config(64, 64, 8),
+    ("fwd", "ieee", 32): _Config(32, 16, 4),
+    ("fwd", "ieee", 64): _Config(16, 16, 4),
+    ("fwd", "ieee", 128): _Config(16, 16, 8),
+    ("dkdv", "16-bit", 32): _Config(64, 64, 4),
+    ("dkdv", "16-bit", 64): _Config(32, 64, 4),
+    ("dkdv", "16-bit", 128): _Config(16, 64, 4, reload=True),
+    ("dkdv", "tf32", 32): _Config(32, 64, 4),
+    ("dkdv", "tf32", 64): _Config(32, 32, 2, reload=True),
+    ("dkdv", "ieee", 32): _Config(16, 16, 4),
+    ("dkdv", "ieee", 64): _Config(16, 16, 8),
+    ("dkdv", "ieee", 128): _Config(16, 16, 4, reload=True),
+    ("dq", "16-bit", 32): _Config(128, 64, 8),
+    ("dq", "16-bit", 64): _Config(128, 64, 8),
+    ("dq", "16-bit", 128): _Config(128, 32, 8, reload=True),
+    ("dq", "tf32", 32): _Config(64, 32, 4),
+    ("dq", "tf32", 64): _Config(64, 32, 4, reload=True),
+    ("dq", "ieee", 32): _Config(16, 16, 4),
+    ("dq", "ieee", 64): _Config(16, 16, 8),
+    ("dq", "ieee", 128): _Config(16, 16, 4, reload=True),
+}
+_SMALL_M = 16  # at most this many keys: 16-key blocks rather than blocks that are mostly padding
+_DELTA_BLOCK_N = 64
+
+
+def _block_d(head_dim):
+    """The head-dim block: a power of two >= 32 (d <= 32 shares the 32-wide kernels), masked beyond d."""
+    return max(32, triton.next_power_of_2(head_dim))
+
+
+def _dot_inputs(dtype, block_d):
+    """What tl.dot multiplies: fp16/bf16 ("16-bit"), or fp32 as "tf32" or "ieee" (torch's float32 matmul
+    precision; "highest" means ieee) -- also the constexpr INPUT_PRECISION (16-bit inputs ignore it)."""
+    if dtype != torch.float32:
+        return "16-bit"
+    if torch.get_float32_matmul_precision() != "highest" and block_d <= 64:
+        return "tf32"
+    return "ieee"
+
+
+def _config(kernel, dot_inputs, block_d, M):
+    cfg = _CONFIGS[(kernel, dot_inputs, block_d)]
+    if M <= _SMALL_M and cfg.block_m > _SMALL_M:
+        cfg = replace(cfg, block_m=_SMALL_M)
+    return cfg
+
+
+def _precision(dot_inputs):
+    return "tf32" if dot_inputs == "tf32" else "ieee"
+
+
+def _check_layout(**tensors):
+    for name, t in tensors.items():
+        if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have last-dim stride 1, got strides {tuple(t.stride())}")
+
+
+def _grid_bh(B, num_heads):
+    if B * num_heads > 65535:
+        raise ValueError(f"batch * num_heads must be <= 65535 (a grid dimension), got {B} * {num_heads}")
+    return B * num_heads
+
+
+def _num_splits(n_blocks, programs, device):
+    """Query ranges for dK/dV: enough programs to fill the GPU twice, each range at least 8 query blocks."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, programs)
+    return max(1, min(want, n_blocks // 8))
+
+
+# Launchers ------------------------------------------------------------------------------------------
+
+
+def sra_attention_fwd(q, kv, num_heads, scale, out=None, lse=None):
+    """Launch the forward. q (B, N, C), kv (B, M, 2C) with M >= 1, same dtype and device, last-dim stride 1.
+
+    Returns (o, lse): o (B, N, C) in q's dtype, lse (B, num_heads, N) fp32. ``out`` / ``lse`` may be given
+    (contiguous, right shape and dtype) to be written instead of fresh tensors.
+    """
+    _check_layout(q=q, kv=kv)
+    B, N, C = q.shape
+    M = kv.shape[1]
+    head_dim = C // num_heads
+    block_d = _block_d(head_dim)
+    dot_inputs = _dot_inputs(q.dtype, block_d)
+    cfg = _config("fwd", dot_inputs, block_d, M)
+    o = torch.empty((B, N, C), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((B, num_heads, N), dtype=torch.float32, device=q.device) if lse is None else lse
+    if o.numel() == 0:
+        return o, lse
+    grid = (triton.cdiv(N, cfg.block_n), _grid_bh(B, num_heads))
+    _sra_attention_fwd_kernel[grid](
+        q, kv, o, lse, scale * LOG2E, N, M, num_heads,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), o.stride(0), o.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+        INPUT_PRECISION=_precision(dot_inputs), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, num_splits=None, dq=None, dkv=None):
+    """Launch the backward. Returns (dq, dkv) shaped like q and kv, in their dtype (written into ``dq`` /
+    ``dkv`` when given: contiguous, right shape and dtype).
+
+    grad_o, o: (B, N, C); lse: (B, num_heads, N) fp32 from the forward. ``grad_lse`` (same shape as lse, or
+    None) is the gradient flowing into lse: d lse / d S = P, so it enters as ``delta - grad_lse``.
+    ``num_splits`` overrides how many query ranges the dK/dV kernel splits N into (None: chosen from the
+    GPU's SM count; 1 on CPU).
+    """
+    _check_layout(grad_o=grad_o, q=q, kv=kv, o=o)
+    B, N, C = q.shape
+    M = kv.shape[1]
+    head_dim = C // num_heads
+    block_d = _block_d(head_dim)
+    dot_inputs = _dot_inputs(q.dtype, block_d)
+    bh = _grid_bh(B, num_heads)
+    lse = lse.contiguous()
+    if dq is None:
+        dq = torch.empty((B, N, C), dtype=q.dtype, device=q.device)
+    if dkv is None:
+        dkv = torch.empty((B, M, 2 * C), dtype=kv.dtype, device=kv.device)
+    if dq.numel() == 0:  # no queries (or batch): nothing flows back to the keys
+        return dq, dkv.zero_()
+    meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "INPUT_PRECISION": _precision(dot_inputs)}
+
+    delta = torch.empty((B, num_heads, N), dtype=torch.float32, device=q.device)
+    _sra_attention_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK_N), bh)](
+        o, grad_o, delta, N, num_heads, o.stride(0), o.stride(1), grad_o.stride(0), grad_o.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=_DELTA_BLOCK_N,
+    )
+    if grad_lse is not None:
+        delta -= grad_lse
+
+    cfg = _config("dkdv", dot_inputs, block_d, M)
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    m_blocks = triton.cdiv(M, cfg.block_m)
+    if num_splits is None:
+        num_splits = _num_splits(n_blocks, m_blocks * bh, q.device)
+    rows_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks))) * cfg.block_n
+    num_splits = triton.cdiv(N, rows_per_split)
+    partial = dkv if num_splits == 1 else torch.empty((num_splits, B, M, 2 * C), dtype=torch.float32,
+                                                      device=kv.device)
+    _sra_attention_bwd_dkdv_kernel[(m_blocks, bh, num_splits)](
+        q, kv, grad_o, lse, delta, partial, scale, scale * LOG2E, N, M, num_heads, rows_per_split,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1),
+        0 if num_splits == 1 else partial.stride(0), partial.stride(-3), partial.stride(-2),
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **meta,
+    )
+    if num_splits > 1:
+        dkv.copy_(partial.sum(0))
+
+    cfg = _config("dq", dot_inputs, block_d, M)
+    _sra_attention_bwd_dq_kernel[(triton.cdiv(N, cfg.block_n), bh)](
+        q, kv, grad_o, lse, delta, dq, scale, scale * LOG2E, N, M, num_heads,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1),
+        dq.stride(0), dq.stride(1),
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **meta,
+    )
+    return dq, dkv
+
+
+# Reference ------------------------------------------------------------------------------------------
+
+
+def sra_attention_ref(q, kv, num_heads, scale):
+    """The same math in plain PyTorch, in the inputs' dtype: returns (o (B, N, C), lse (B, heads, N))."""
+    B, N, C = q.shape
+    d = C // num_heads
+    qh = q.reshape(B, N, num_heads, d).transpose(1, 2)
+    kvh = kv.reshape(B, kv.shape[1], 2, num_heads, d)
+    k = kvh[:, :, 0].transpose(1, 2)
+    v = kvh[:, :, 1].transpose(1, 2)
+    s = (qh @ k.transpose(-2, -1)) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.exp(s - lse[..., None]) @ v
+    return o.transpose(1, 2).reshape(B, N, C), lse
+
+
+# Ahead-of-time compile specs ------------------------------------------------------------------------
+
+_KERNELS = {"fwd": _sra_attention_fwd_kernel, "dkdv": _sra_attention_bwd_dkdv_kernel,
+            "dq": _sra_attention_bwd_dq_kernel}
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP32_ARGS = ("scale", "qk_scale_log2")
+
+
+def _signature(fn, elem, constexprs, out_elem=None):
+    """Triton types of fn's arguments: tensors of ``elem`` (lse/delta fp32; dkv ``out_elem`` if given)."""
+    types = {"lse_ptr": "fp32", "delta_ptr": "fp32", "dkv_ptr": out_elem or elem}
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + types.get(name, elem)
+        else:
+            sig[name] = "fp32" if name in _FP32_ARGS else "i32"
+    return sig
+
+
+def _spec(kernel, dtype, dot_inputs, head_dim, M, out_elem=None):
+    block_d = _block_d(head_dim)
+    cfg = _config(kernel, dot_inputs, block_d, M)
+    fn = _KERNELS[kernel]
+    consts = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m,
+              "INPUT_PRECISION": _precision(dot_inputs)}
+    if kernel != "fwd":
+        consts["RELOAD"] = cfg.reload
+    elem = _TRITON_TYPE[dtype]
+    tag = elem if dot_inputs == "16-bit" else f"fp32-{dot_inputs}"
+    if out_elem:
+        tag += f"->{out_elem}"
+    name = (f"sra_attention_{kernel} {tag} d{head_dim} N{cfg.block_n} M{cfg.block_m} w{cfg.num_warps}"
+            + (" reload" if cfg.reload else ""))
+    return AotSpec(name, fn, _signature(fn, elem, consts, out_elem), consts, cfg.num_warps, cfg.num_stages)
+
+
+def aot_specs():
+    """Every (kernel, dtype, tl.dot inputs, head-dim block, block configuration) the launchers can pick:
+    head dims 32, 64, 128 (and 48 for the masked-column path), a small and a large key count, the dK/dV
+    kernel also writing fp32 partial sums for 16-bit inputs (split query ranges)."""
+    variants = [(torch.float16, "16-bit"), (torch.bfloat16, "16-bit"), (torch.float32, "tf32"),
+                (torch.float32, "ieee")]
+    specs = {}
+    for dtype, dot_inputs in variants:
+        head_dims = (32, 64, 128) if dot_inputs != "tf32" else (32, 64)
+        if dtype == torch.bfloat16:
+            head_dims += (48,)
+        for head_dim in head_dims:
+            for M in (_SMALL_M, 49):
+                for kernel in _KERNELS:
+                    spec = _spec(kernel, dtype, dot_inputs, head_dim, M)
+                    specs[spec.name] = spec
+                if dot_inputs == "16-bit":
+                    spec = _spec("dkdv", dtype, dot_inputs, head_dim, M, out_elem="fp32")
+                    specs[spec.name] = spec
+            if dot_inputs != "tf32":
+                consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_N": _DELTA_BLOCK_N}
+                fn = _sra_attention_bwd_delta_kernel
+                name = f"sra_attention_bwd_delta {_TRITON_TYPE[dtype]} d{head_dim} N{_DELTA_BLOCK_N}"
+                specs[name] = AotSpec(name, fn, _signature(fn, _TRITON_TYPE[dtype], consts), consts)
+    return list(specs.values())
+
+
+__all__ = ["sra_attention_fwd", "sra_attention_bwd", "sra_attention_ref", "aot_specs"]
