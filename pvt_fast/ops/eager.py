@@ -25,13 +25,13 @@ def _layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def _grid_view(x, H, W):
+def grid_view(x, H, W):
     """(B, H*W, C) tokens as a channels-last (B, C, H, W) view (no copy)."""
     B, N, C = x.shape
     return x.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
-def _tokens(y):
+def tokens(y):
     """(B, C, H, W) map as (B, H*W, C) tokens; free when ``y`` is channels-last."""
     B, C = y.shape[:2]
     return y.permute(0, 2, 3, 1).reshape(B, -1, C)
@@ -90,16 +90,16 @@ def patch_embed_sdpa(x, weight, bias, norm_weight, norm_bias, eps, stride, paddi
         x = x.permute(0, 3, 1, 2)
     y = F.conv2d(x, weight, bias, stride, padding)
     H, W = y.shape[-2:]
-    return _layer_norm(_tokens(y), norm_weight, norm_bias, eps), H, W
+    return _layer_norm(tokens(y), norm_weight, norm_bias, eps), H, W
 
 
 def reduce_kv_sdpa(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
-    y = F.conv2d(_grid_view(x, H, W), sr_weight, sr_bias, stride=sr_weight.shape[-1])
-    return _layer_norm(_tokens(y), norm_weight, norm_bias, eps)
+    y = F.conv2d(grid_view(x, H, W), sr_weight, sr_bias, stride=sr_weight.shape[-1])
+    return _layer_norm(tokens(y), norm_weight, norm_bias, eps)
 
 
 def reduce_kv_linear_sdpa(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
-    pooled = _tokens(F.adaptive_avg_pool2d(_grid_view(x, H, W), 7))
+    pooled = tokens(F.adaptive_avg_pool2d(grid_view(x, H, W), 7))
     y = F.linear(pooled, sr_weight.flatten(1), sr_bias)
     return F.gelu(_layer_norm(y, norm_weight, norm_bias, eps))
 
@@ -118,5 +118,5 @@ def attention_sdpa(q, kv, num_heads, scale, dropout_p=0.0):
 def dwconv_gelu_sdpa(x, H, W, weight, bias, relu_prologue):
     if relu_prologue:
         x = F.relu(x)
-    y = F.conv2d(_grid_view(x, H, W), weight, bias, padding=1, groups=x.shape[-1])
-    return F.gelu(_tokens(y))
+    y = F.conv2d(grid_view(x, H, W), weight, bias, padding=1, groups=x.shape[-1])
+    return F.gelu(tokens(y))

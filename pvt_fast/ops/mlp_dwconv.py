@@ -9,12 +9,12 @@ dtype: under autocast fc1 hands over bf16 tokens while the conv parameters stay 
 the parameters in their own dtype and compute in fp32 (autocast's conv2d would round them to bf16 first);
 each gradient comes back in the dtype of its input.
 """
-import contextlib
-import os
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from pvt_fast.ops._triton import kernel_module, on_device
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,27 +36,11 @@ def _check_inputs(x, H, W, weight, bias):
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def _kernels(device):
-    """The kernel module, after checking that it can run on ``device``."""
-    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        from pvt_fast.kernels import mlp_dwconv
-
-        return mlp_dwconv
-    raise RuntimeError(
-        f"pvt_fast::dwconv_gelu got tensors on {device}: the fused backend needs CUDA tensors, or CPU tensors "
-        "with TRITON_INTERPRET=1 set before the kernels are imported; use backend='sdpa' otherwise"
-    )
-
-
-def _device_guard(device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.library.custom_op("pvt_fast::dwconv_gelu", mutates_args=())
 def _dwconv_gelu(x: Tensor, H: int, W: int, weight: Tensor, bias: Tensor, relu_prologue: bool) -> Tensor:
     _check_inputs(x, H, W, weight, bias)
-    kernels = _kernels(x.device)
-    with _device_guard(x.device):
+    kernels = kernel_module("mlp_dwconv", "dwconv_gelu", x.device)
+    with on_device(x.device):
         return kernels.dwconv_gelu_fwd(x, H, W, weight, bias, relu_prologue)
 
 
@@ -73,8 +57,8 @@ def _dwconv_gelu_backward(
     _check_inputs(x, H, W, weight, bias)
     if grad_out.shape != x.shape:
         raise ValueError(f"grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}")
-    kernels = _kernels(x.device)
-    with _device_guard(x.device):
+    kernels = kernel_module("mlp_dwconv", "dwconv_gelu", x.device)
+    with on_device(x.device):
         return kernels.dwconv_gelu_bwd(grad_out, x, H, W, weight, bias, relu_prologue)
 
 

@@ -27,13 +27,14 @@ LayerNorm statistics with ``aten.native_layer_norm``, then ``aten.native_layer_n
 FLOPs (``torch.utils.flop_counter``, 2 x MACs of the GEMMs): ``2 * B * M * C * C * sr * sr`` for
 ``reduce_kv``, ``2 * B * 49 * C * C`` for ``reduce_kv_linear`` (pool, LayerNorm and GELU not counted).
 """
-import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from pvt_fast.ops._triton import kernel_module, on_device
+from pvt_fast.ops.eager import grid_view, tokens
 
 # The kernel module's limits, repeated so that importing the op does not import Triton.
 POOL_SIZE = 7
@@ -70,22 +71,6 @@ def _check_inputs(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, linear):
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def _kernels(x):
-    """The kernel module, imported at call time so that importing pvt_fast does not fix the interpreter mode."""
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"the fused backend's reduce_kv needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got x on "
-            f"{x.device}; use backend='sdpa'"
-        )
-    from pvt_fast.kernels import reduce_kv as kernels
-
-    return kernels
-
-
-def _on_device(x):
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
 # conv SRA -----------------------------------------------------------------------------------------------
 
 
@@ -93,8 +78,8 @@ def _on_device(x):
 def _reduce_kv_op(x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor,
                   norm_bias: Tensor, eps: float) -> Tensor:
     _check_inputs(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, linear=False)
-    kernels = _kernels(x)
-    with _on_device(x):
+    kernels = kernel_module("reduce_kv", "reduce_kv", x.device)
+    with on_device(x.device):
         return kernels.reduce_kv(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps)
 
 
@@ -112,15 +97,6 @@ def _setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _grid(x, H, W):
-    """(B, H*W, C) tokens as a (B, C, H, W) view (channels-last when x is contiguous)."""
-    B, N, C = x.shape
-    return x.reshape(B, H, W, C).permute(0, 3, 1, 2)
-
-
-def _tokens(y):
-    B, C = y.shape[:2]
-    return y.permute(0, 2, 3, 1).reshape(B, -1, C)
 
 
 def _layer_norm_backward(ctx, grad, y, mean, rstd, norm_weight, norm_bias):
@@ -133,15 +109,15 @@ def _reduce_kv_backward(ctx, grad):
     x, sr_weight, sr_bias, norm_weight, norm_bias = ctx.saved_tensors
     H, W = ctx.grid
     sr = sr_weight.shape[-1]
-    grid = _grid(x, H, W)
-    y = _tokens(F.conv2d(grid, sr_weight, sr_bias, stride=sr))
+    grid = grid_view(x, H, W)
+    y = tokens(F.conv2d(grid, sr_weight, sr_bias, stride=sr))
     _, mean, rstd = torch.ops.aten.native_layer_norm(y, [y.shape[-1]], norm_weight, norm_bias, ctx.eps)
     dy, dnorm_weight, dnorm_bias = _layer_norm_backward(ctx, grad, y, mean, rstd, norm_weight, norm_bias)
     dgrid, dsr_weight, _ = torch.ops.aten.convolution_backward(
-        _grid(dy, H // sr, W // sr), grid, sr_weight, None, [sr, sr], [0, 0], [1, 1], False, [0, 0], 1,
+        grid_view(dy, H // sr, W // sr), grid, sr_weight, None, [sr, sr], [0, 0], [1, 1], False, [0, 0], 1,
         [ctx.needs_input_grad[0], ctx.needs_input_grad[3], False],
     )
-    dx = _tokens(dgrid) if dgrid is not None else None
+    dx = tokens(dgrid) if dgrid is not None else None
     dsr_bias = dy.sum((0, 1)) if ctx.needs_input_grad[4] else None
     return dx, None, None, dsr_weight, dsr_bias, dnorm_weight, dnorm_bias, None
 
@@ -175,8 +151,8 @@ def reduce_kv(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
 def _reduce_kv_linear_op(x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor,
                          norm_bias: Tensor, eps: float) -> Tensor:
     _check_inputs(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, linear=True)
-    kernels = _kernels(x)
-    with _on_device(x):
+    kernels = kernel_module("reduce_kv", "reduce_kv_linear", x.device)
+    with on_device(x.device):
         return kernels.reduce_kv_linear(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps)
 
 
@@ -189,8 +165,8 @@ def _(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
 def _reduce_kv_linear_backward(ctx, grad):
     x, sr_weight, sr_bias, norm_weight, norm_bias = ctx.saved_tensors
     H, W = ctx.grid
-    grid = _grid(x, H, W)
-    pooled = _tokens(F.adaptive_avg_pool2d(grid, POOL_SIZE))
+    grid = grid_view(x, H, W)
+    pooled = tokens(F.adaptive_avg_pool2d(grid, POOL_SIZE))
     weight = sr_weight.flatten(1)
     y = F.linear(pooled, weight, sr_bias)
     z, mean, rstd = torch.ops.aten.native_layer_norm(y, [y.shape[-1]], norm_weight, norm_bias, ctx.eps)
@@ -198,8 +174,8 @@ def _reduce_kv_linear_backward(ctx, grad):
     dy, dnorm_weight, dnorm_bias = _layer_norm_backward(ctx, dz, y, mean, rstd, norm_weight, norm_bias)
     dx = dsr_weight = dsr_bias = None
     if ctx.needs_input_grad[0]:
-        dpooled = _grid(dy @ weight, POOL_SIZE, POOL_SIZE)
-        dx = _tokens(torch.ops.aten._adaptive_avg_pool2d_backward(dpooled, grid))
+        dpooled = grid_view(dy @ weight, POOL_SIZE, POOL_SIZE)
+        dx = tokens(torch.ops.aten._adaptive_avg_pool2d_backward(dpooled, grid))
     if ctx.needs_input_grad[3]:
         dsr_weight = (dy.flatten(0, 1).t() @ pooled.flatten(0, 1)).view_as(sr_weight)
     if ctx.needs_input_grad[4]:

@@ -15,13 +15,13 @@ dtype before the op runs (as autocast does for matmul), so a mixed pair -- e.g. 
 Linear and an fp32 ``kv`` -- is computed in the autocast dtype and the output has that dtype. The casts
 are ordinary ``Tensor.to`` calls, so gradients flow back in each input's own dtype.
 """
-import contextlib
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from pvt_fast.ops._triton import kernel_module, on_device
 
 MAX_HEAD_DIM = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,22 +50,6 @@ def _check_inputs(q, kv, num_heads):
         raise ValueError(f"head dim C // num_heads must be <= {MAX_HEAD_DIM}, got {C} // {num_heads} = {head_dim}")
 
 
-def _kernels(t):
-    """The Triton module, imported only once a launch is due (the interpreter mode is read at its import)."""
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise RuntimeError(
-            f"pvt_fast::sra_attention (backend='fused') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
-            f"got tensors on {t.device}. Use backend='sdpa' instead."
-        )
-    from pvt_fast.kernels import sra_attention
-
-    return sra_attention
-
-
-def _on_device(t):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _unit_stride(t):
     """t itself when its last dim is unit-stride (the kernels take the other strides), else a copy."""
     return t if t.numel() == 0 or t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
@@ -77,8 +61,8 @@ def _unit_stride(t):
 )
 def sra_attention(q: Tensor, kv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
     _check_inputs(q, kv, num_heads)
-    kernels = _kernels(q)
-    with _on_device(q):
+    kernels = kernel_module("sra_attention", "sra_attention", q.device)
+    with on_device(q.device):
         return kernels.sra_attention_fwd(_unit_stride(q), _unit_stride(kv), num_heads, scale)
 
 
@@ -98,8 +82,8 @@ def sra_attention_backward(
     grad_o: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Tensor, grad_lse: Optional[Tensor], num_heads: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    kernels = _kernels(q)
-    with _on_device(q):
+    kernels = kernel_module("sra_attention", "sra_attention", q.device)
+    with on_device(q.device):
         return kernels.sra_attention_bwd(
             _unit_stride(grad_o), _unit_stride(q), _unit_stride(kv), _unit_stride(o), lse, num_heads, scale,
             grad_lse=grad_lse,
