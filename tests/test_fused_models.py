@@ -45,3 +45,14 @@ def test_attn_dropout_routes_to_sdpa(kernel_device):
     assert model.block1[0].attn._ops.attention is eager.attention_sdpa
     plain = pvt_fast.pvt_v2_b0(backend="fused")
     assert plain.block1[0].attn._ops.attention is not eager.attention_sdpa
+
+
+@pytest.mark.slow
+def test_fused_model_compiles_without_graph_breaks(kernel_device):
+    ref, fused = pair("pvt_v2_b0", kernel_device)
+    x = torch.randn(1, 3, 64, 64, device=kernel_device)
+    compiled = torch.compile(fused, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    with torch.no_grad():
+        assert_close_rel(out.detach(), ref(x), 1e-5, "compiled logits")
