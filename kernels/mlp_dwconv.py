@@ -366,7 +366,7 @@ def dwconv_gelu_bwd(grad_out, x, H, W, weight, bias, relu_prologue, grad_x=None)
         grad_x = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         grad_x.zero_()
-        return grad_x, torch.zeros_like(weight), torch.zeros_like(bias)
+        return grad_x, weight.new_zeros(weight.shape), bias.new_zeros(bias.shape)
     weight = weight.contiguous()
     tile = _tile(W)
     grid = _grid(B, H, W, C, tile)
@@ -386,7 +386,7 @@ def dwconv_gelu_bwd(grad_out, x, H, W, weight, bias, relu_prologue, grad_x=None)
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), grad_x.stride(0), grad_x.stride(1),
         **meta, num_warps=_NUM_WARPS,
     )
-    grad_weight = dw_part.sum(0).t().reshape(C, 1, 3, 3).to(weight.dtype)
+    grad_weight = dw_part.sum(0).t().contiguous().view(C, 1, 3, 3).to(weight.dtype)
     grad_bias = dbias_part.sum(0).to(bias.dtype)
     return grad_x, grad_weight, grad_bias
 

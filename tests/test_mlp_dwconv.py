@@ -138,6 +138,17 @@ def test_weight_grad_is_deterministic(kernel_device):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
+def test_backward_op_strides_match_its_fake(kernel_device):
+    """torch.compile plans buffers from the fake impl: the real outputs must have its (contiguous) strides."""
+    B, H, W, C = 1, 5, 4, 24
+    x, weight, bias, grad_out = make_inputs(B, H, W, C, torch.float32, kernel_device)
+    args = (grad_out, x, H, W, weight, bias, False)
+    real = torch.ops.pvt_fast.dwconv_gelu_backward(*args)
+    torch.library.opcheck(torch.ops.pvt_fast.dwconv_gelu_backward.default, args)
+    for name, t in zip(("grad x", "grad weight", "grad bias"), real):
+        assert t.is_contiguous(), f"{name} has strides {t.stride()} for shape {tuple(t.shape)}"
+
+
 def test_opcheck(kernel_device):
     B, H, W, C = 1, 3, 4, 20
     x, weight, bias, _ = make_inputs(B, H, W, C, torch.float32, kernel_device)
