@@ -6,10 +6,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-CUDA_HOME ?= /usr/local/cuda
+# The CUDA toolkit, where there is one (torch otherwise guesses CUDA_HOME and can guess wrong).
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
-export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
+export TORCH_CUDA_ARCH_LIST MAX_JOBS
+ifneq ($(CUDA_HOME),)
+export CUDA_HOME
+endif
 
 .PHONY: install demo test test-fast test-full bench clean
 

@@ -24,8 +24,9 @@ def _cuda_extensions():
     problems = []
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is a CPU-only build")
-    if cpp_extension.CUDA_HOME is None:
-        problems.append("nvcc not found (set CUDA_HOME)")
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(nvcc):
+        problems.append(f"nvcc not found (CUDA_HOME={cpp_extension.CUDA_HOME}; set CUDA_HOME to the toolkit)")
     if not sources:
         problems.append("no sources in csrc/")
     if problems:

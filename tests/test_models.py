@@ -179,6 +179,35 @@ def test_v1_at_construction_size_adds_embedding_unresized():
     assert_close_rel(seen[0], want, 1e-7)
 
 
+# --- initialisation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["pvt_tiny", "pvt_v2_b0"])
+def test_official_initialisation(name):
+    """trunc-normal(.02) Linear with zero bias, unit LayerNorm, pos embeds/cls token trunc-normal(.02);
+    v2 convs normal(0, sqrt(2 / fan_out)) with zero bias, v1 convs left at PyTorch's default."""
+    model = make(name)
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.numel() >= 4096:
+            w = m.weight
+            assert w.abs().max() <= 2.0 and abs(w.std().item() - 0.02) < 0.002, n
+            assert torch.count_nonzero(m.bias) == 0, n
+        elif isinstance(m, torch.nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), n
+        elif isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 4096:
+            fan_in = m.weight[0].numel()
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            if name.startswith("pvt_v2"):
+                assert abs(m.weight.std().item() / (2.0 / fan_out) ** 0.5 - 1) < 0.1, n
+                assert torch.count_nonzero(m.bias) == 0, n
+            else:  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                bound = fan_in ** -0.5
+                assert m.weight.abs().max() <= bound and abs(m.weight.std().item() / (bound / 3 ** 0.5) - 1) < 0.1, n
+    if name == "pvt_tiny":
+        for p in (model.pos_embed1, model.cls_token, model.pos_embed4):
+            assert p.abs().max() <= 2.0 and p.std().item() < 0.03
+
+
 # --- features, checkpointing, layouts, precision ----------------------------------------------------
 
 
@@ -198,6 +227,28 @@ def test_pyramid_features(name):
     assert len(picked) == 2 and torch.equal(picked[0], maps[1]) and torch.equal(picked[1], maps[3])
     with pytest.raises(ValueError, match="out_indices"):
         make(name, out_indices=(4,))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (160, 96)])
+def test_v1_pyramid_as_official_detection_backbone(size):
+    """v1's dense features, written out as the official detection copy computes them: no cls token, stage 4
+    adds ``pos_embed4[:, 1:]``, no final norm, every stage output as an NCHW map."""
+    model = make("pvt_tiny", out_indices=(0, 1, 2, 3))
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        got = model(x)
+        grid_in = x
+        for i in range(4):
+            pe = getattr(model, f"patch_embed{i + 1}")
+            y = pe.proj(grid_in)
+            H, W = y.shape[-2:]
+            h = pe.norm(y.flatten(2).transpose(1, 2))
+            pos = getattr(model, f"pos_embed{i + 1}")
+            h = h + resized(pos[:, 1:] if i == 3 else pos, (pe.H, pe.W), (H, W))
+            for blk in getattr(model, f"block{i + 1}"):
+                h = blk(h, H, W)
+            grid_in = h.reshape(2, H, W, -1).permute(0, 3, 1, 2)
+            assert_close_rel(got[i], grid_in, 1e-6, f"stage {i + 1} map")
 
 
 @pytest.mark.parametrize("name", ["pvt_tiny", "pvt_v2_b2_li"])
@@ -231,15 +282,16 @@ def test_channels_last_and_noncontiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("name", ["pvt_tiny", "pvt_v2_b0"])
-def test_bf16_autocast(name):
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_low_precision_autocast(name, dtype, tol):
     model = make(name, "sdpa")
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         want = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             got = model(x)
-    assert got.dtype == torch.bfloat16
-    assert_close_rel(got.float(), want, 5e-2)
+    assert got.dtype == dtype
+    assert_close_rel(got.float(), want, tol)
 
 
 def test_forward_features_and_official_helpers():
@@ -273,10 +325,12 @@ def test_smallest_input(name, smallest):
 
 def test_bad_inputs_name_the_argument():
     model = make("pvt_v2_b0")
-    with pytest.raises(ValueError, match=r"x must be \(B, 3, H, W\), got \(2, 4, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"x must be \(B, 3, H, W\) with B >= 1, got \(2, 4, 64, 64\)"):
         model(torch.randn(2, 4, 64, 64))
-    with pytest.raises(ValueError, match=r"x must be \(B, 3, H, W\), got \(3, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"x must be \(B, 3, H, W\) with B >= 1, got \(3, 64, 64\)"):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"with B >= 1, got \(0, 3, 64, 64\)"):
+        model(torch.randn(0, 3, 64, 64))
     with pytest.raises(TypeError, match="x has dtype torch.float64 but the model's parameters are torch.float32"):
         model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):

@@ -1,17 +1,27 @@
 """Packaging: the kernels ship as pvt_fast.kernels, old torch is refused at import, factories stay out of
 timm's registry."""
+import os
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import timm
 
 import pvt_fast
 
 
-def test_kernels_are_a_subpackage():
-    import pvt_fast.kernels
-    assert pvt_fast.kernels.__name__ == "pvt_fast.kernels"
-    assert "kernels" not in sys.modules or sys.modules["kernels"] is not pvt_fast.kernels
+def test_wheel_ships_kernels_as_a_subpackage(tmp_path):
+    """The top-level kernels/ folder installs as pvt_fast.kernels, never as a top-level ``kernels``."""
+    env = dict(os.environ, PVT_FAST_BUILD_CUDA="0")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
+                    str(tmp_path), str(repo)], check=True, env=env, capture_output=True)
+    (wheel,) = tmp_path.glob("pvt_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("sra_attention", "reduce_kv", "mlp_dwconv", "report", "_aot"):
+        assert f"pvt_fast/kernels/{module}.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]
 
 
 def test_old_torch_is_refused_at_import():

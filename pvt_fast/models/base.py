@@ -63,8 +63,8 @@ class PyramidBase(nn.Module):
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0:
+            raise ValueError(f"x must be (B, {self.in_chans}, H, W) with B >= 1, got {tuple(x.shape)}")
         weight = self.patch_embed1.proj.weight
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
