@@ -46,6 +46,7 @@ test: install
 test-full: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not aot" --runslow
 	$(BIN)/python -m pytest -q -m aot
+	$(BIN)/python -m pytest -q benchmarks/ --benchmark-disable
 
 bench: install
 	$(BIN)/python -m pytest benchmarks/ --benchmark-autosave
