@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The round a lent H100/H200 runs (see GPU_RUNBOOK.md), from the repository root, writing only under $OUT:
+# The round a lent H100/H200 runs (see ../shared/GPU_RUNBOOK.md, beside the repository, not in it), from the
+# repository root, writing only under $OUT:
 #
 #   bash benchmarks/gpu_run.sh          # call 1 (< 10 min): versions, build, tests -> $OUT/tests.log,
 #                                       #   benchmarks -> $OUT/<gpu>-<date>.json and $OUT/bench.log

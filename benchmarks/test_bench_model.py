@@ -52,7 +52,7 @@ def _build(impl):
     else:
         backend = "reference" if impl == "official-eager" else "auto"
         if pvt_fast.resolve_backend(backend) == "fused":
-            op_table("fused")  # skips, with the reason, while the fused ops are missing
+            op_table("fused")  # on CPU (PVT_FAST_BACKEND=fused) skips: fused kernels are timed on CUDA only
         model = pvt_fast.create_model(MODEL, backend=backend)
         model.load_state_dict(_weights())
     model = model.to(device=DEVICE, dtype=DTYPE)

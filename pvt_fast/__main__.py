@@ -29,7 +29,7 @@ def _parser():
     p.add_argument("--backend", default="auto", help=f"auto or one of {', '.join(BACKENDS)} (default auto)")
     p.add_argument("--compare", default="reference",
                    help=f"backend to compare with, one of {', '.join(BACKENDS)}, or 'none' (default reference)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: cuda when available)")
     p.add_argument("--sweep", type=_sizes, default=None, metavar="S1,S2,...",
                    help="resolutions of the memory/time plot (default 224, 512, 1024, ... up to --size)")
     p.add_argument("--repeat", type=int, default=None,

@@ -316,33 +316,56 @@ def _sweep_sizes(size, min_size):
 def _resolve_device(device):
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    expected = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ProfileArgumentError(expected) from err
     if device.type not in ("cpu", "cuda"):
-        raise ProfileArgumentError(f"device must be 'auto', 'cpu' or 'cuda', got {str(device)!r}")
+        raise ProfileArgumentError(expected)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ProfileArgumentError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+        raise ProfileArgumentError(f"device {str(device)!r} was asked for but torch.cuda.is_available() is False")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ProfileArgumentError(f"device {str(device)!r} was asked for but only {torch.cuda.device_count()} "
+                                   "CUDA device(s) are visible")
     return device
 
 
-def _build(name, backend, size, dtype, device, log):
-    """The model ``name`` on ``backend``; an ``auto`` that resolves to an unavailable fused backend falls
-    back to ``sdpa`` with a note."""
-    from pvt_fast import create_model, resolve_backend
+def _resolve_backend(argument, backend, device):
+    """``backend`` (the value of ``argument``) as a concrete name; ``fused`` must be able to run on ``device``."""
+    from pvt_fast import resolve_backend
+    from pvt_fast._backend import ENV_VAR
 
-    concrete = resolve_backend(backend)
-    if concrete == "fused" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        if backend != "auto":
-            raise ProfileArgumentError("backend 'fused' runs on CUDA, or on CPU with TRITON_INTERPRET=1 set; "
-                                       "use --backend sdpa on CPU")
-        concrete = "sdpa"
     try:
-        model = create_model(name, backend=concrete, img_size=size)
-    except NotImplementedError as err:
-        if backend != "auto":
-            raise ProfileArgumentError(str(err)) from None
-        log(f"note: {err}; profiling backend 'sdpa' instead")
-        model = create_model(name, backend="sdpa", img_size=size)
-    return model.to(device=device, dtype=dtype).eval()
+        concrete = resolve_backend(backend)
+    except ValueError as err:
+        raise ProfileArgumentError(str(err)) from err
+    if concrete == "fused" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        why = f" (from {ENV_VAR}={os.environ[ENV_VAR]})" if backend == "auto" and os.environ.get(ENV_VAR) else ""
+        raise ProfileArgumentError(
+            f"{argument} {backend!r} resolves to 'fused'{why}, which runs on CUDA, or on CPU only with "
+            f"TRITON_INTERPRET=1 set; on device 'cpu' use --{argument} sdpa")
+    return concrete
+
+
+def _out_folder(out_dir):
+    """``out_dir`` created if need be, once a file can be written in it."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise ProfileArgumentError(f"out must be a folder that can be written, got {str(out_dir)!r} "
+                                   f"({err.strerror or err})") from err
+    return out_dir
+
+
+def _build(name, backend, size, dtype, device):
+    """The model ``name`` on the concrete ``backend``, built for ``size x size``."""
+    from pvt_fast import create_model
+
+    return create_model(name, backend=backend, img_size=size).to(device=device, dtype=dtype).eval()
 
 
 def _check_args(name, size, batch, dtype, backend, compare, repeat):
@@ -377,32 +400,38 @@ def profile_model(name, size, out_dir, batch=1, dtype="fp32", backend="auto", co
     ``size``). ``repeat``: timed runs per point (default 10 on CUDA; on CPU 2 at ``size`` and 1 at the other
     sweep points, so that the README's CPU demo stays short). ``log``: a callable taking a progress line
     (default: print to stderr).
+
+    Every argument is checked before anything runs: a bad one (an unknown device, a backend that cannot run
+    on the device, such as ``fused`` on the CPU without ``TRITON_INTERPRET=1``, an ``out_dir`` that cannot be
+    written) raises :class:`ProfileArgumentError`; nothing falls back to another backend.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     min_size = _check_args(name, size, batch, dtype, backend, compare, repeat)
     device = _resolve_device(device)
+    backend = _resolve_backend("backend", backend, device)
+    if compare is not None:
+        compare = _resolve_backend("compare", compare, device)
     sweep = sorted(set(sweep or _sweep_sizes(size, min_size)) | {size})
     small = [s for s in sweep if s < min_size]
     if small:
         raise ProfileArgumentError(f"sweep sizes must be at least {name}'s min_input_size {min_size}, "
                                    f"got {small}")
+    out_dir = _out_folder(out_dir)
     cuda = device.type == "cuda"
     warmup = 2 if cuda else 0  # on CPU the profiled pass is the warm-up; CUDA must JIT and autotune first
     torch_dtype = DTYPES[dtype]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    main = _build(name, backend, size, torch_dtype, device, log)
-    backends = [main.backend] + ([compare] if compare and compare != main.backend else [])
-    labels = {main.backend: f"pvt_fast ({main.backend})"}
+    backends = [backend] + ([compare] if compare and compare != backend else [])
+    labels = {backend: f"pvt_fast ({backend})"}
     labels.update({b: b for b in backends[1:]})
     runs_at = lambda s: repeat or (10 if cuda else 2 if s == size else 1)  # noqa: E731
     # One model per backend with the same weights, built for ``size`` (v1 resizes its position embeddings
     # at the other sweep sizes).
-    models = {b: main if b == main.backend else _build(name, b, size, torch_dtype, device, log) for b in backends}
+    models = {b: _build(name, b, size, torch_dtype, device) for b in backends}
+    main = models[backend]
     for model in models.values():
         model.load_state_dict(main.state_dict())
-    traces = {b: out_dir / ("trace.json" if b == main.backend else f"trace-{b}.json") for b in backends}
+    traces = {b: out_dir / ("trace.json" if b == backend else f"trace-{b}.json") for b in backends}
     for trace in traces.values():
         trace.unlink(missing_ok=True)
     steps = len(sweep) * (len(backends) + 1)

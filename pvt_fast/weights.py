@@ -21,8 +21,8 @@ Formats, told apart by their keys (:func:`detect_format`):
 Hugging Face keeps keys and values apart (``key``, ``value``); the official ``kv`` is their concatenation,
 keys first. Hugging Face uses one LayerNorm eps (``config.layer_norm_eps``, 1e-6) everywhere, where the
 official patch-embedding and spatial-reduction norms use PyTorch's 1e-5: loading a Hugging Face checkpoint
-therefore also sets that eps on the model's LayerNorms, so the model reproduces the Hugging Face outputs
-(see :func:`load_pretrained`).
+therefore also sets that eps on the model's LayerNorms, so the model reproduces the Hugging Face outputs,
+and a later official or timm checkpoint puts the construction eps back (see :func:`load_pretrained`).
 """
 import json
 import math
@@ -40,6 +40,9 @@ HF_EPS = 1e-6
 FORMATS = ("official", "timm", "hf_pvt", "hf_pvt_v2")
 _HF_PREFIX = {"hf_pvt": "pvt.", "hf_pvt_v2": "pvt_v2."}
 _SHOWN_PER_LIST = 12
+_WRAPPERS = ("model", "state_dict", "state_dict_ema", "model_ema")
+# Set on a LayerNorm when a Hugging Face load first changes its eps: the eps the model was built with.
+_CONSTRUCTION_EPS = "pvt_fast_construction_eps"
 
 
 class _KeyMap:
@@ -116,9 +119,12 @@ class LoadReport(NamedTuple):
     format:     the detected checkpoint format (one of :data:`FORMATS`).
     loaded:     the model's state_dict keys filled from the checkpoint.
     resized:    ``(key, checkpoint grid, model grid)`` for every v1 position embedding resized on load.
-    eps:        ``(module name, old eps, new eps)`` for every LayerNorm whose eps was set (Hugging Face only).
+    eps:        ``(module name, old eps, new eps)`` for every LayerNorm whose eps was changed: set to the
+                checkpoint's (Hugging Face), or put back to the model's construction eps (official, timm,
+                after an earlier Hugging Face load).
     missing, unexpected, mismatched: what did not fit (only non-empty with ``strict=False``); mismatched
-                entries are ``(key, checkpoint shape, model shape)``.
+                entries are ``(key, checkpoint shape, model shape)``, the checkpoint's "shape" being the
+                type name (``"int"``) for an entry that is not a tensor.
     """
     format: str
     loaded: tuple
@@ -228,13 +234,32 @@ def _checkpoint_file(path):
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in directory {path}")
 
 
+def _not_a_checkpoint(path, error):
+    return ValueError(f"{path} is not a PyTorch (.pth / .bin) or safetensors checkpoint (reading it raised "
+                      f"{type(error).__name__}, see above)")
+
+
+def _starts_like_torch_save(path):
+    """Whether the file begins as ``torch.save`` writes: a zip archive, or (the legacy format) a pickle of
+    protocol 2 or more."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def _read_state_dict(path, map_location):
     if str(path).endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path, device=str(map_location))
+        try:
+            return load_file(path, device=str(map_location))
+        except SafetensorError as error:
+            raise _not_a_checkpoint(path, error) from error
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
+    except (KeyError, EOFError, pickle.UnpicklingError) as error:  # a text or empty file raises any of these
+        if not (isinstance(error, pickle.UnpicklingError) and _starts_like_torch_save(path)):
+            raise _not_a_checkpoint(path, error) from error
         raise pickle.UnpicklingError(
             f"{path} holds objects other than tensors and containers, which torch.load(weights_only=True) "
             f"refuses; if you trust the file, load it yourself and pass the state_dict instead. {error}") from error
@@ -244,8 +269,10 @@ def _read_state_dict(path, map_location):
 
 
 def _unwrap(checkpoint):
-    """The state_dict inside ``{'model': ...}`` / ``{'state_dict': ...}``, without a DDP ``module.`` prefix."""
-    for wrapper in ("model", "state_dict"):
+    """The state_dict inside a training checkpoint, without a DDP ``module.`` prefix: the first mapping among
+    ``model``, ``state_dict`` (official / DeiT, timm), ``state_dict_ema``, ``model_ema`` (their EMA weights,
+    taken only from a file without plain weights)."""
+    for wrapper in _WRAPPERS:
         if isinstance(checkpoint.get(wrapper), Mapping):
             checkpoint = checkpoint[wrapper]
             break
@@ -276,7 +303,8 @@ def _resize_pos_embeds(model, state_dict, shapes):
     resized = []
     for key, value in list(state_dict.items()):
         match = re.fullmatch(r"pos_embed(\d+)", key)
-        if match is None or key not in shapes or value.shape == shapes[key] or value.dim() != 3:
+        if (match is None or key not in shapes or not isinstance(value, torch.Tensor)
+                or value.shape == shapes[key] or value.dim() != 3):
             continue
         patch_embed = getattr(model, f"patch_embed{match[1]}", None)
         if patch_embed is None or value.shape[2] != shapes[key][2]:
@@ -294,8 +322,14 @@ def _resize_pos_embeds(model, state_dict, shapes):
     return tuple(resized)
 
 
-def _shape(t):
-    return tuple(t.shape)
+def _shape(value):
+    """A tensor's shape; the type name of anything else (a training checkpoint's ``epoch``, ``optimizer``)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _described(value):
+    shape = _shape(value)
+    return f"({shape}, not a tensor)" if isinstance(shape, str) else str(shape)
 
 
 def _mismatch_message(source, fmt, model, missing, unexpected, mismatched, shapes, state_dict):
@@ -308,7 +342,7 @@ def _mismatch_message(source, fmt, model, missing, unexpected, mismatched, shape
 
     lines = [f"checkpoint {source} ({fmt} format) does not fit {type(model).__name__}:",
              *block("missing from the checkpoint", [f"{k} {shapes[k]}" for k in missing]),
-             *block("unexpected in the checkpoint", [f"{k} {_shape(state_dict[k])}" for k in unexpected]),
+             *block("unexpected in the checkpoint", [f"{k} {_described(state_dict[k])}" for k in unexpected]),
              *block("shape mismatch", [f"{k}: checkpoint {c}, model {m}" for k, c, m in mismatched])]
     if any(k.startswith("pos_embed") for k, _, _ in mismatched):
         lines.append("  (position embeddings are resized only from a square grid: sqrt of the token count)")
@@ -317,11 +351,17 @@ def _mismatch_message(source, fmt, model, missing, unexpected, mismatched, shape
 
 
 def _set_layer_norm_eps(model, eps):
+    """Give every LayerNorm ``eps`` (None: its construction eps, kept by the first change); the changes."""
     changed = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm) and module.eps != eps:
-            changed.append((name, module.eps, eps))
-            module.eps = eps
+        if not isinstance(module, nn.LayerNorm):
+            continue
+        new = getattr(module, _CONSTRUCTION_EPS, module.eps) if eps is None else eps
+        if module.eps != new:
+            if not hasattr(module, _CONSTRUCTION_EPS):
+                setattr(module, _CONSTRUCTION_EPS, module.eps)
+            changed.append((name, module.eps, new))
+            module.eps = new
     return tuple(changed)
 
 
@@ -331,8 +371,10 @@ def load_pretrained(model, checkpoint, *, strict=True, map_location="cpu", hf_ep
     ``checkpoint``: a ``.pth`` / ``.bin`` file (read with ``torch.load(weights_only=True)``), a
     ``.safetensors`` file, a directory holding ``model.safetensors`` or ``pytorch_model.bin`` (a Hugging Face
     ``save_pretrained`` folder), or an already loaded mapping. A raw state_dict or one wrapped as
-    ``{'model': ...}`` / ``{'state_dict': ...}``; a DDP ``module.`` prefix is dropped. The format is detected
-    from the keys (:func:`detect_format`) and converted to official keys.
+    ``{'model': ...}`` / ``{'state_dict': ...}`` (or, when there are no plain weights, ``{'state_dict_ema': ...}``
+    / ``{'model_ema': ...}``); a DDP ``module.`` prefix is dropped. The format is detected from the keys
+    (:func:`detect_format`) and converted to official keys. A file that is neither a PyTorch nor a
+    safetensors checkpoint raises a ValueError naming it.
 
     v1 position embeddings made at another image size are resized (bilinear, ``align_corners=False``, the
     last stage's cls slot split off and re-attached) from the checkpoint's grid, inferred as the square root
@@ -344,7 +386,8 @@ def load_pretrained(model, checkpoint, *, strict=True, map_location="cpu", hf_ep
     uses that one eps everywhere, so for the official variants this changes the patch-embedding and
     spatial-reduction norms (``patch_embed{i}.norm``, ``block{i}.{j}.attn.norm``) from 1e-5, and the model then
     reproduces the Hugging Face outputs; ``LoadReport.eps`` lists each change. Hugging Face's v1 itself runs
-    only at its configured image size.
+    only at its configured image size. Each LayerNorm remembers the eps it was built with, and an official or
+    timm checkpoint loaded later puts it back (also listed in ``LoadReport.eps``).
 
     ``strict=True`` raises a RuntimeError listing the missing, unexpected and mis-shaped keys (with shapes),
     leaving the model untouched; ``strict=False`` loads the keys that fit and reports the others.
@@ -374,7 +417,7 @@ def load_pretrained(model, checkpoint, *, strict=True, map_location="cpu", hf_ep
     bad = {k for k, _, _ in mismatched}
     fitting = {k: v for k, v in state_dict.items() if k in shapes and k not in bad}
     model.load_state_dict(fitting, strict=False)
-    eps = _set_layer_norm_eps(model, hf_eps) if fmt in _HF_PREFIX else ()
+    eps = _set_layer_norm_eps(model, hf_eps if fmt in _HF_PREFIX else None)
     return LoadReport(fmt, tuple(fitting), resized, eps, missing, unexpected, mismatched)
 
 

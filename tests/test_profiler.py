@@ -128,7 +128,9 @@ def test_profile_writes_its_files_and_consistent_numbers(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["sweep"] == [64, 96]
     assert [(s["tokens"], s["keys"]) for s in saved["stages"]] == [(576, 9), (144, 9), (36, 9), (9, 9)]
-    assert sum(s["total"] for s in saved["stages"]) == model_flops("pvt_v2_b0", 96, pyramid=True)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        pvt_fast.create_model("pvt_v2_b0", backend="reference").forward_pyramid(torch.randn(1, 3, 96, 96))
+    assert sum(s["total"] for s in saved["stages"]) == counter.get_total_flops()
     backends = list(saved["backends"])
     assert backends == [pvt_fast.resolve_backend("auto"), "reference"]
     for backend in backends:
@@ -172,6 +174,9 @@ def test_cli_prints_where_the_files_are(tmp_path, capsys):
     (["--model", "pvt_v2_b2", "--size", "64", "--compare", "timm"], "compare must be one of"),
     (["--model", "pvt_v2_b2", "--size", "64", "--sweep", "16,64"], "sweep sizes must be at least"),
     (["--model", "pvt_v2_b2", "--size", "64", "--repeat", "0"], "repeat must be a positive integer, got 0"),
+    (["--model", "pvt_v2_b0", "--size", "64", "--device", "foo"], "device must be 'auto', 'cpu', 'cuda'"),
+    (["--model", "pvt_v2_b0", "--size", "64", "--device", "meta"], "device must be 'auto', 'cpu', 'cuda'"),
+    (["--model", "pvt_v2_b0", "--size", "64", "--device", "cuda:63"], "device 'cuda:63' was asked for but"),
 ])
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
     assert main(["profile", *argv, "--out", str(tmp_path)]) == 2
@@ -179,9 +184,33 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
     assert not (tmp_path / "report.md").exists()
 
 
-def test_fused_backend_on_cpu_without_the_interpreter_is_refused(tmp_path, monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only check")
+def test_an_unwritable_out_folder_is_an_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = ["profile", "--model", "pvt_v2_b0", "--size", "64", "--compare", "none", "--out", str(blocker / "x")]
+    assert main(argv) == 2
+    assert f"out must be a folder that can be written, got '{blocker / 'x'}'" in capsys.readouterr().err
+
+
+def test_a_bad_backend_environment_variable_is_an_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PVT_FAST_BACKEND", "bogus")
+    assert main(["profile", "--model", "pvt_v2_b0", "--size", "64", "--out", str(tmp_path)]) == 2
+    assert "PVT_FAST_BACKEND must be one of" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["--backend", "fused"], None, "backend 'fused' resolves to 'fused', which runs on CUDA"),
+    ([], "fused", "backend 'auto' resolves to 'fused' (from PVT_FAST_BACKEND=fused)"),
+    (["--backend", "sdpa", "--compare", "fused"], None, "compare 'fused' resolves to 'fused'"),
+])
+def test_fused_backend_on_cpu_without_the_interpreter_is_refused(tmp_path, capsys, monkeypatch, argv, env, message):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="backend 'fused' runs on CUDA"):
-        profile_model("pvt_v2_b0", 64, tmp_path, backend="fused")
+    if env is None:
+        monkeypatch.delenv("PVT_FAST_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("PVT_FAST_BACKEND", env)
+    argv = ["profile", "--model", "pvt_v2_b0", "--size", "64", "--device", "cpu", *argv, "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "nothing may be written (or profiled on another backend)"

@@ -96,18 +96,22 @@ def test_timm_checkpoint_matches_timm_at_1024(timm_models, tmp_path, backend):
         assert_close_rel(model(x), reference(x), TOL, f"pvt_v2_b0 {backend} vs timm at 1024x1024")
 
 
-@pytest.mark.parametrize("name", ["pvt_v2_b0", pytest.param("pvt_v2_b2_li", marks=pytest.mark.slow)])
-def test_convert_to_timm_runs_in_timm(timm_models, name):
-    model = perturb(make(name), seed=3)
+@pytest.mark.parametrize("name,size,backend", [
+    ("pvt_v2_b0", (97, 131), "reference"),
+    pytest.param("pvt_v2_b2_li", (97, 131), "reference", marks=pytest.mark.slow),
+    ("pvt_v2_b0", (1024, 1024), "sdpa"),
+])
+def test_convert_to_timm_runs_in_timm(timm_models, name, size, backend):
+    model = perturb(make(name, backend), seed=3)
     state_dict = model.state_dict()
     converted = weights.convert_to_timm(state_dict)
     assert list(converted) == list(checkpoint_filter_fn(state_dict, None))
     assert weights.from_timm(converted).keys() == state_dict.keys()
     reference = copy.deepcopy(timm_models[name])
     reference.load_state_dict(converted, strict=True)
-    x = image(97, 131)
+    x = image(*size)
     with torch.no_grad():
-        assert_close_rel(reference(x), model(x), TOL, f"timm {name} from convert_to_timm")
+        assert_close_rel(reference(x), model(x), TOL, f"timm {name} from convert_to_timm at {size}")
 
 
 # --- Hugging Face ------------------------------------------------------------------------------------------
@@ -196,6 +200,25 @@ def test_hf_bare_pvt_v2_model(tmp_path):
         assert_close_rel(model.forward_features(x), expected, TOL, "bare PvtV2Model features")
 
 
+@pytest.mark.parametrize("then", ["official", "timm"])
+def test_official_or_timm_load_after_hf_restores_the_construction_eps(then):
+    model = make("pvt_v2_b0")
+    built = {name: m.eps for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    hf_report = pvt_fast.load_pretrained(model, PvtV2ForImageClassification(
+        PvtV2Config(num_labels=NUM_CLASSES)).state_dict())
+    assert model.patch_embed1.norm.eps == 1e-6 and hf_report.eps
+    source = perturb(make("pvt_v2_b0"), seed=14)
+    checkpoint = source.state_dict() if then == "official" else weights.convert_to_timm(source.state_dict())
+    report = pvt_fast.load_pretrained(model, checkpoint)
+    assert report.format == then
+    assert {name: m.eps for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)} == built
+    assert report.eps == tuple((name, new, old) for name, old, new in hf_report.eps)
+    x = image(97, 131)
+    with torch.no_grad():
+        assert_close_rel(model(x), source(x), 1e-6, f"{then} after Hugging Face vs the {then} model")
+    assert pvt_fast.load_pretrained(model, checkpoint).eps == (), "a second load has nothing to put back"
+
+
 def test_hf_eps_argument():
     reference = perturb(PvtV2ForImageClassification(PvtV2Config(num_labels=NUM_CLASSES)), seed=8)
     model = make("pvt_v2_b0")
@@ -232,11 +255,16 @@ def test_convert_to_hf_runs_in_hf(version):
 # --- official ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wrap", ["raw", "model", "state_dict", "module."])
+@pytest.mark.parametrize("wrap", ["raw", "model", "state_dict", "module.", "state_dict_ema", "model_ema",
+                                  "model and model_ema"])
 def test_official_checkpoint(tmp_path, wrap):
     source = perturb(make("pvt_v2_b0"), seed=10).state_dict()
+    other = {k: torch.zeros_like(v) for k, v in source.items()}
     checkpoint = {"raw": source, "model": {"model": source, "epoch": 3},
-                  "state_dict": {"state_dict": source}, "module.": {f"module.{k}": v for k, v in source.items()}}[wrap]
+                  "state_dict": {"state_dict": source}, "module.": {f"module.{k}": v for k, v in source.items()},
+                  "state_dict_ema": {"state_dict_ema": source, "epoch": 3, "metric": 71.5},
+                  "model_ema": {"model_ema": source, "epoch": 3},
+                  "model and model_ema": {"model_ema": other, "model": source}}[wrap]
     model = make("pvt_v2_b0")
     report = pvt_fast.load_pretrained(model, save(checkpoint, tmp_path / "official.pth"), strict=True)
     assert report.format == "official" and report.loaded == tuple(source)
@@ -288,6 +316,28 @@ def test_wrong_checkpoint_lists_every_problem(tmp_path):
     assert "head.weight: checkpoint (7, 256), model (10, 256)" in message
     assert "head.bias" not in message and "strict=False" in message
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a failed load changed the model"
+
+
+def test_entries_that_are_not_tensors_are_listed_by_type():
+    with pytest.raises(RuntimeError) as info:
+        pvt_fast.load_pretrained(make("pvt_v2_b0"), {"epoch": 1, "optimizer": {"state": {}}, "head.bias": 0.5})
+    message = str(info.value)
+    assert "epoch (int, not a tensor)" in message and "optimizer (dict, not a tensor)" in message, message
+    assert "head.bias: checkpoint float, model (10,)" in message, message
+    report = pvt_fast.load_pretrained(make("pvt_v2_b0"), {"epoch": 1, "head.bias": 0.5}, strict=False)
+    assert report.unexpected == ("epoch",) and report.mismatched == (("head.bias", "float", (10,)),)
+    assert report.loaded == ()
+
+
+@pytest.mark.parametrize("name,content", [
+    ("notes.pth", b"hello\n"), ("notes.bin", b"not a checkpoint\n"), ("empty.pth", b""),
+    ("noise.pth", bytes(range(7, 256, 3))), ("notes.safetensors", b"hello\n"), ("empty.safetensors", b"")])
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="is not a PyTorch .* or safetensors checkpoint") as info:
+        pvt_fast.load_pretrained(make("pvt_v2_b0"), path)
+    assert str(path) in str(info.value) and info.value.__cause__ is not None
 
 
 def test_wrong_checkpoint_non_strict_loads_what_fits():
