@@ -375,8 +375,9 @@ def _gemm_configs(dtype):
 def aot_specs():
     """Every (dtype, fp32 precision, block configuration) the launchers can compile.
 
-    Strides of 1 are constexprs, as Triton's JIT specializes them; the other integers are plain i32 (no
-    divisibility hints), the codegen for unaligned channel counts: the worst case for registers.
+    Strides of 1 are constexprs, as Triton's JIT specializes them; the other integers are i32. The report
+    (``kernels/report.py``) compiles them with the alignment hints the JIT derives for PVT's tensors
+    (16-byte pointers, strides divisible by 16); unaligned channel counts compile a variant it does not see.
     """
     specs = []
     for dtype, ty in _TRITON_DTYPES.items():

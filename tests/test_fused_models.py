@@ -16,7 +16,7 @@ def pair(name, device, **kwargs):
     return ref, fused
 
 
-@pytest.mark.parametrize("name, size", [("pvt_tiny", (64, 72)), ("pvt_v2_b0", (61, 64)), ("pvt_v2_b2_li", (40, 52))])
+@pytest.mark.parametrize("name, size", [("pvt_tiny", (64, 72)), ("pvt_v2_b0", (61, 64)), ("pvt_v2_b2_li", (29, 35))])
 def test_fused_model_matches_reference(name, size, kernel_device):
     ref, fused = pair(name, kernel_device)
     x = torch.randn(2, 3, *size, device=kernel_device)
@@ -47,12 +47,13 @@ def test_attn_dropout_routes_to_sdpa(kernel_device):
     assert plain.block1[0].attn._ops.attention is not eager.attention_sdpa
 
 
-@pytest.mark.slow
 def test_fused_model_compiles_without_graph_breaks(kernel_device):
     ref, fused = pair("pvt_v2_b0", kernel_device)
     x = torch.randn(1, 3, 64, 64, device=kernel_device)
-    compiled = torch.compile(fused, fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    with torch.no_grad():
-        assert_close_rel(out.detach(), ref(x), 1e-5, "compiled logits")
+    out = torch.compile(fused, fullgraph=True)(x)
+    out.square().sum().backward()
+    want = ref(x)
+    want.square().sum().backward()
+    assert_close_rel(out.detach(), want.detach(), 1e-5, "compiled logits")
+    for (n, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
+        assert_close_rel(p.grad, p_ref.grad, 1e-4, f"grad of {n}")

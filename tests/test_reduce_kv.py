@@ -283,3 +283,24 @@ def test_pvt_shapes_on_gpu(dtype, name, case):
     x, *params = _inputs(B, H, W, C, sr, dtype, "cuda")
     out = op(x, H, W, *params, EPS)
     _assert_close(out, _run(ref, x, H, W, params, torch.float64), _run(ref, x, H, W, params), f"{name} {case} {dtype}")
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_autocast_runs_the_reduction_in_the_autocast_dtype(kernel_device, linear):
+    """The block hands reduce_kv its fp32 LayerNorm output; under autocast the conv must run in the autocast
+    dtype (on tensor cores on a GPU), as eager autocast's conv2d does."""
+    torch.manual_seed(0)
+    B, H, W, C, sr = 2, 9, 10, 32, 2
+    x = torch.randn(B, H * W, C, device=kernel_device)
+    weight = torch.randn(C, C, 1 if linear else sr, 1 if linear else sr, device=kernel_device) * 0.1
+    params = (torch.randn(C, device=kernel_device) * 0.1, torch.ones(C, device=kernel_device),
+              torch.zeros(C, device=kernel_device))
+    fn = ops.reduce_kv_linear if linear else ops.reduce_kv
+    kernels = _kernels()
+    ref = (kernels.reduce_kv_linear_ref if linear else kernels.reduce_kv_ref)(
+        x.double(), H, W, weight.double(), params[0].double(), params[1].double(), params[2].double(), 1e-5)
+    with torch.autocast(kernel_device, dtype=torch.float16):
+        out = fn(x, H, W, weight, params[0], params[1], params[2], 1e-5)
+    assert out.dtype == torch.float16
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < 2e-3, f"relative error {err:.2e}"

@@ -19,3 +19,16 @@ def kernel_module(name, op, device):
 def on_device(device):
     """Launch on ``device``'s current stream (a no-op context on the CPU)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cast_under_autocast(op_name, op):
+    """Run ``op`` in the autocast dtype in effect at call time: every floating-point tensor argument is cast
+    to it, then the op runs with autocast off (``torch.library.register_autocast`` would fix one dtype)."""
+    for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+        def autocast_kernel(*args, _device_type=device_type, **kwargs):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            with torch.autocast(_device_type, enabled=False):
+                return op(*args, **kwargs)
+
+        torch.library.impl(op_name, key, autocast_kernel)

@@ -10,12 +10,12 @@
 
 dtypes: the public functions cast the four parameters to ``x.dtype`` before the op (one copy, which also
 makes the conv weight channels-last, the layout the kernel reads fastest; autograd sees the cast, so
-fp32 master weights get fp32 gradients). Under autocast this is what autocast does for ``conv2d``: ``x``
-arrives in the autocast dtype from the preceding linear and the conv runs in it. Unlike eager autocast,
-the LayerNorm is computed in fp32 from the fp32 conv accumulator and its output is rounded to
-``x.dtype`` (eager autocast returns fp32 there); the following kv linear casts to the autocast dtype
-anyway. The op itself takes one dtype (fp32, fp16 or bf16) for all tensors and registers no autocast
-rule.
+fp32 master weights get fp32 gradients). Under autocast both ops cast ``x`` and the parameters to the
+autocast dtype, as autocast does for ``conv2d`` (``x`` is the block's LayerNorm output, which autocast
+keeps in fp32), so the conv runs on tensor cores. Unlike eager autocast, the LayerNorm is computed in
+fp32 from the fp32 conv accumulator and its output is rounded to the autocast dtype (eager autocast
+returns fp32 there); the following kv linear casts to that dtype anyway. The op itself takes one dtype
+(fp32, fp16 or bf16) for all tensors.
 
 Backward is built from PyTorch ops on recomputed values (nothing but the inputs is saved): the conv output
 is recomputed with ``F.conv2d`` (for ``linear``: ``F.adaptive_avg_pool2d`` + ``F.linear``), the
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from pvt_fast.ops._triton import kernel_module, on_device
+from pvt_fast.ops._triton import cast_under_autocast, kernel_module, on_device
 from pvt_fast.ops.eager import grid_view, tokens
 
 # The kernel module's limits, repeated so that importing the op does not import Triton.
@@ -125,6 +125,9 @@ def _reduce_kv_backward(ctx, grad):
 _reduce_kv_op.register_autograd(_reduce_kv_backward, setup_context=_setup_context)
 
 
+cast_under_autocast("pvt_fast::reduce_kv", _reduce_kv_op)
+
+
 @register_flop_formula(torch.ops.pvt_fast.reduce_kv)
 def _reduce_kv_flop(x_shape, H, W, sr_weight_shape, *args, **kwargs):
     B, N, C = x_shape
@@ -184,6 +187,9 @@ def _reduce_kv_linear_backward(ctx, grad):
 
 
 _reduce_kv_linear_op.register_autograd(_reduce_kv_linear_backward, setup_context=_setup_context)
+
+
+cast_under_autocast("pvt_fast::reduce_kv_linear", _reduce_kv_linear_op)
 
 
 @register_flop_formula(torch.ops.pvt_fast.reduce_kv_linear)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from pvt_fast.ops._triton import kernel_module, on_device
+from pvt_fast.ops._triton import cast_under_autocast, kernel_module, on_device
 
 MAX_HEAD_DIM = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -116,19 +116,7 @@ def _backward(ctx, grad_o, grad_lse):
 sra_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _register_autocast(device_type, dispatch_key):
-    """Cast q and kv to the autocast dtype in effect at call time (register_autocast fixes one dtype)."""
-
-    def autocast_kernel(q, kv, num_heads, scale):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            return sra_attention(q.to(dtype), kv.to(dtype), num_heads, scale)
-
-    torch.library.impl("pvt_fast::sra_attention", dispatch_key, autocast_kernel)
-
-
-_register_autocast("cuda", "AutocastCUDA")
-_register_autocast("cpu", "AutocastCPU")
+cast_under_autocast("pvt_fast::sra_attention", sra_attention)
 
 
 @register_flop_formula(torch.ops.pvt_fast.sra_attention)
