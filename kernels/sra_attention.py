@@ -50,9 +50,10 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
-                   BLOCK_M: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One online-softmax step over keys [key_start, key_start + BLOCK_M); masks keys >= M if MASK_KEYS."""
+def _key_block_scores(q, k_base, v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
+                      BLOCK_M: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Loads K and V rows [key_start, key_start + BLOCK_M) (zero past M when MASK_KEYS, and past the head dim)
+    and returns them with their keys' indices and the log2-scaled scores ``q k^T * scale * log2(e)``."""
     keys = key_start + tl.arange(0, BLOCK_M)
     offs = keys.to(tl.int64)[:, None] * stride_kvm + cols[None, :]
     kv_mask = col_ok[None, :]
@@ -60,7 +61,15 @@ def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, key_start, M, stride_kvm, c
         kv_mask = kv_mask & (keys < M)[:, None]
     k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+    return keys, k, v, tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+
+
+@triton.jit
+def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
+                   BLOCK_M: tl.constexpr, MASK_KEYS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys [key_start, key_start + BLOCK_M); masks keys >= M if MASK_KEYS."""
+    keys, k, v, s = _key_block_scores(q, k_base, v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
+                                      BLOCK_M, MASK_KEYS, INPUT_PRECISION)
     if MASK_KEYS:
         s = tl.where((keys < M)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -258,14 +267,8 @@ def _dq_key_block(dq, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stri
         row_mask = row_ok[:, None] & col_ok[None, :]
         q = tl.load(q_block + row_idx[:, None] * stride_qn + cols[None, :], mask=row_mask, other=0.0)
         do = tl.load(do_block + row_idx[:, None] * stride_don + cols[None, :], mask=row_mask, other=0.0)
-    keys = key_start + tl.arange(0, BLOCK_M)
-    offs = keys.to(tl.int64)[:, None] * stride_kvm + cols[None, :]
-    kv_mask = col_ok[None, :]
-    if MASK_KEYS:
-        kv_mask = kv_mask & (keys < M)[:, None]
-    k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+    keys, k, v, s = _key_block_scores(q, k_base, v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
+                                      BLOCK_M, MASK_KEYS, INPUT_PRECISION)
     p = tl.exp2(s - lse2[:, None])
     if MASK_KEYS:
         # A padded key scores 0, whose exp can overflow when every real score is very negative.
