@@ -233,3 +233,22 @@ def test_forward_speed_pvt_v2_b2_stage1():
           f"channels-last views {ms_views * 1e3:.1f} us ({ms_views / ms_fused:.2f}x)")
     if torch.cuda.get_device_capability() == (9, 0):
         assert ms_chain / ms_fused >= 3.0
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_offsets_past_2_31_elements_gpu():
+    """A token tensor of more than 2**31 elements: the last image rows (which int32 offsets would wrap) are
+    compared with the reference computed on those rows and their halo only."""
+    C, W = 64, 4096
+    H = 2 ** 31 // (C * W) + 8
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, H * W, C, device="cuda", dtype=torch.bfloat16, generator=gen)
+    weight = torch.randn(C, 1, 3, 3, device="cuda", generator=gen) * 0.3
+    bias = torch.randn(C, device="cuda", generator=gen) * 0.1
+    out = dwconv_gelu(x, H, W, weight, bias, False)
+    rows = 4  # the last 3 rows, and the one above them as their halo
+    crop = x[:, -rows * W:].double()
+    want = kernels.dwconv_gelu_ref(crop, rows, W, weight.double(), bias.double(), False)[:, W:]
+    err = ((out[:, -(rows - 1) * W:].double() - want).norm() / want.norm()).item()
+    assert err < 1e-2, f"relative error {err:.2e} in the last {rows - 1} rows"

@@ -299,3 +299,20 @@ def test_interpreter_flag_is_read_at_call_time():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_offsets_past_2_31_elements_gpu():
+    """q and o hold more than 2**31 elements (a 4096x4096 image's stage 1 is 2**20 tokens; this is 32x that):
+    rows at the far end must be right, which int32 offsets would wrap. Attention is per query row, so the
+    reference runs on the last rows only."""
+    C, M, tail = 64, 64, 512
+    N = 2 ** 31 // C + 4096
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, N, C, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kv = torch.randn(1, M, 2 * C, device="cuda", dtype=torch.bfloat16, generator=gen)
+    out = attention(q, kv, 1, C ** -0.5)
+    want = torch.softmax(q[:, -tail:].double() @ kv[..., :C].double().transpose(1, 2) * C ** -0.5, -1) @ kv[..., C:].double()
+    err = ((out[:, -tail:].double() - want).norm() / want.norm()).item()
+    assert err < 1e-2, f"relative error {err:.2e} in the last {tail} rows"
