@@ -34,7 +34,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from pvt_fast.models.pvt import resize_pos_embed
 
 HF_EPS = 1e-6
 FORMATS = ("official", "timm", "hf_pvt", "hf_pvt_v2")
@@ -314,9 +315,7 @@ def _resize_pos_embeds(model, state_dict, shapes):
         side = math.isqrt(max(value.shape[1] - extra, 0))
         if extra not in (0, 1) or side * side != value.shape[1] - extra or side == 0:
             continue
-        grid = value[:, extra:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)
-        grid = grid.flatten(2).transpose(1, 2).to(value.dtype)
+        grid = resize_pos_embed(value[:, extra:].float(), (side, side), (H, W)).to(value.dtype)
         state_dict[key] = torch.cat((value[:, :extra], grid), dim=1)
         resized.append((key, (side, side), (H, W)))
     return tuple(resized)

@@ -58,10 +58,7 @@ class PyramidVisionTransformer(PyramidBase):
 
     def _pos_embed(self, pos, patch_embed, H, W):
         """``pos`` (1, H0*W0, C) on the construction grid, resized bilinearly when (H, W) differs."""
-        if (H, W) == (patch_embed.H, patch_embed.W):
-            return pos
-        grid = pos.reshape(1, patch_embed.H, patch_embed.W, -1).permute(0, 3, 1, 2)
-        return F.interpolate(grid, size=(H, W), mode="bilinear").reshape(1, -1, H * W).permute(0, 2, 1)
+        return resize_pos_embed(pos, (patch_embed.H, patch_embed.W), (H, W))
 
     def _stage(self, i, x, layout, pyramid):
         patch_embed = getattr(self, f"patch_embed{i + 1}")
@@ -81,6 +78,15 @@ class PyramidVisionTransformer(PyramidBase):
 
     def _head_features(self, x):
         return self.norm(x)[:, 0]
+
+
+def resize_pos_embed(pos, src, dst):
+    """A (1, h*w, C) position embedding laid out on the grid ``src`` = (h, w), resized to ``dst`` = (H, W)
+    bilinearly (align_corners False, as the official code); returned as is when the grids are equal."""
+    if tuple(src) == tuple(dst):
+        return pos
+    grid = pos.reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2)
+    return F.interpolate(grid, size=tuple(dst), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
 
 
 PVT = PyramidVisionTransformer
