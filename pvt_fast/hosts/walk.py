@@ -6,8 +6,8 @@ patch embedding, decode head); the first match is bound and its subtree is not s
 own models and layers are re-bound to the backend instead. The whole model is examined before anything is
 changed, so a model without any recognizable block is left as it was.
 """
+import functools
 import logging
-import types
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -121,7 +121,9 @@ def _bind(module, match, backend, summary):
     forward, binding, attn_dropout = match
     binding = replace(binding, ops=get_backend_ops(backend, attn_dropout=attn_dropout))
     setattr(module, ATTRIBUTE, binding)
-    module.forward = types.MethodType(forward, module)
+    # A partial rather than a bound method: it pickles (torch.save of the whole model) and deep-copies with
+    # the module it belongs to.
+    module.forward = functools.partial(forward, module)
     summary.counts[binding.kind] += 1
     summary.sources[type(module).__module__.partition(".")[0]] += 1
 
