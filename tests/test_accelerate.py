@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import pvt_fast
-from helpers import assert_close_rel, rel_err
+from helpers import assert_close_rel, assert_tensors_close, rel_err
 from hosts import HOSTS, build, hf_pvt_v2, output
 
 FORWARD_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -74,23 +74,6 @@ def test_gradients_match_untouched(name):
         (out * weight).sum().backward()
     assert_tensors_close({n: p.grad for n, p in model.named_parameters()},
                          {n: p.grad for n, p in plain.named_parameters()}, GRAD_TOL, "gradient of")
-
-
-def assert_tensors_close(tensors, reference, tol, what):
-    """Per name ||t - ref|| / ||ref||. Gradients that the math makes zero hold rounding noise only (the key
-    bias: softmax ignores a shift shared by all keys; in train mode, a per-channel constant before the decode
-    head's BatchNorm, which subtracts the batch mean): their norms are 1e-8 of the largest or less, with
-    noise of that order, where real ones are above 1e-5 of it; the error is measured against at least 1e-3
-    of the largest reference norm."""
-    assert tensors.keys() == reference.keys()
-    largest = max(r.double().norm() for r in reference.values() if r is not None)
-    for name, ref in reference.items():
-        t = tensors[name]
-        assert (t is None) == (ref is None), f"{what} {name}: {t is None} vs {ref is None} for None"
-        if ref is None:
-            continue
-        err = ((t.double() - ref.double()).norm() / max(ref.double().norm(), 1e-3 * largest)).item()
-        assert err < tol, f"{what} {name}: relative error {err:.3e} >= {tol:.0e}"
 
 
 # What each tiny model holds, counted from its config (depths, sr ratios, linear attention).
