@@ -3,8 +3,10 @@ accelerated with :func:`pvt_fast.accelerate` against the same model untouched (s
 
 Both run ``model(x)`` under ``torch.no_grad``, interleaved (plain, accelerated, plain, ...), after one warm-up
 call each that also gives the relative error ``||acc - plain|| / ||plain||`` of the output; each run is also
-split by the model's top-level submodules (forward hooks; for SegFormer: encoder and decode head). Writes
-``report.md`` and ``report.json`` to the output folder.
+split by the model's top-level submodules (forward hooks; for SegFormer: encoder and decode head). On CPU
+the process's CPU time is recorded beside the wall time: on a machine shared with other jobs it is the
+steadier figure (with one thread, ``OMP_NUM_THREADS=1``, it is the work itself). Writes ``report.md`` and
+``report.json`` to the output folder.
 """
 import json
 import statistics
@@ -27,7 +29,8 @@ def _tensor(out):
 
 
 def _timed(model, x, device):
-    """Seconds of one ``model(x)`` and of each top-level submodule in it."""
+    """Wall seconds of one ``model(x)``, its process CPU seconds, and the wall seconds of each top-level
+    submodule in it."""
     parts, marks, handles = {}, {}, []
     for name, child in model.named_children():
         handles.append(child.register_forward_pre_hook(lambda m, a, name=name: marks.__setitem__(name, time.perf_counter())))
@@ -35,10 +38,10 @@ def _timed(model, x, device):
             lambda m, a, o, name=name: parts.__setitem__(name, parts.get(name, 0.0) + time.perf_counter() - marks[name])))
     try:
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         model(x)
         synchronize(device)
-        return time.perf_counter() - start, parts
+        return time.perf_counter() - start, time.process_time() - cpu, parts
     finally:
         for h in handles:
             h.remove()
@@ -76,7 +79,7 @@ def profile_host(name, size, out_dir, batch=1, dtype="fp32", backend="auto", com
         for r in range(repeat):
             for label, model in models.items():
                 runs[label].append(_timed(model, x, device))
-                log(f"[{r + 1}/{repeat}] {label}: {runs[label][-1][0]:.3f} s")
+                log(f"[{r + 1}/{repeat}] {label}: {runs[label][-1][0]:.3f} s ({runs[label][-1][1]:.3f} s CPU)")
     report = _report(name, size, batch, dtype, device, backend, accelerated, runs, outputs)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(_markdown(report))
@@ -89,15 +92,16 @@ def _report(name, size, batch, dtype, device, backend, accelerated, runs, output
               "backend": backend, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "repeat": len(runs["accelerated"]), "summary": str(accelerated.pvt_fast_summary), "results": {}}
     for label, timings in runs.items():
-        totals = [t for t, _ in timings]
-        parts = {p: statistics.median(d[p] for _, d in timings) for p in timings[0][1]}
-        report["results"][label] = {"median_s": statistics.median(totals), "best_s": min(totals), "parts_median_s": parts}
+        walls, cpus = [t for t, _, _ in timings], [c for _, c, _ in timings]
+        parts = {p: statistics.median(d[p] for _, _, d in timings) for p in timings[0][2]}
+        report["results"][label] = {"median_s": statistics.median(walls), "best_s": min(walls),
+                                    "cpu_median_s": statistics.median(cpus), "parts_median_s": parts}
     if "plain" in runs:
         acc, plain = report["results"]["accelerated"], report["results"]["plain"]
         want = outputs["plain"].double()
         report["relative_error"] = ((outputs["accelerated"].double() - want).norm() / want.norm()).item()
-        report["speedup_median"] = plain["median_s"] / acc["median_s"]
-        report["speedup_best"] = plain["best_s"] / acc["best_s"]
+        for key in ("median_s", "best_s", "cpu_median_s"):
+            report[f"speedup_{key.removesuffix('_s')}"] = plain[key] / acc[key]
     return report
 
 
@@ -108,12 +112,14 @@ def _markdown(r):
              "", "```", r["summary"], "```", ""]
     if "relative_error" in r:
         lines += [f"- relative error of the output vs the untouched model: {r['relative_error']:.2e}",
-                  f"- speed-up: x{r['speedup_median']:.2f} (median), x{r['speedup_best']:.2f} (best)", ""]
+                  f"- speed-up: x{r['speedup_median']:.2f} (median), x{r['speedup_best']:.2f} (best), "
+                  f"x{r['speedup_cpu_median']:.2f} (median CPU time)", ""]
     labels = list(r["results"])
     parts = list(r["results"]["accelerated"]["parts_median_s"])
     lines += ["| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines.append("| **median s** | " + " | ".join(f"{r['results'][l]['median_s']:.3f}" for l in labels) + " |")
     lines.append("| best s | " + " | ".join(f"{r['results'][l]['best_s']:.3f}" for l in labels) + " |")
+    lines.append("| median CPU s | " + " | ".join(f"{r['results'][l]['cpu_median_s']:.3f}" for l in labels) + " |")
     for p in parts:
         lines.append(f"| {p} (median s) | " + " | ".join(f"{r['results'][l]['parts_median_s'][p]:.3f}" for l in labels)
                      + " |")
