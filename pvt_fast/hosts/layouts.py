@@ -129,10 +129,22 @@ HF_SEGFORMER = Family(
                                 after=("batch_norm", "activation", "dropout", "classifier"), inputs="stages"),
 )
 
+# transformers 4.x: the attention of Hugging Face's PVT v1 with ``sr`` for the reduction (its output Linear sits
+# outside, in ``SegformerSelfOutput``), the decode head's projections under ``linear_c``; its Mix-FFN has
+# HF_PVT_V2's names and patch embeddings HF_SEGFORMER's, matched there.
+HF_SEGFORMER_4 = Family(
+    "Hugging Face Segformer (transformers 4.x)",
+    attention=AttentionParts(q="query", kv=("key", "value"), proj=None, proj_drop=None, attn_drop="dropout",
+                             sr="sr", norm="layer_norm", pool=None, act=None, num_heads="num_attention_heads",
+                             scale=None, returns="tuple", host_options=("output_attentions",)),
+    decode_head=DecodeHeadParts(projections="linear_c", linear="proj", fuse="linear_fuse",
+                                after=("batch_norm", "activation", "dropout", "classifier"), inputs="stages"),
+)
+
 SMP_SEGFORMER = Family(
     "segmentation_models_pytorch Segformer decoder",
     decode_head=DecodeHeadParts(projections="mlp_stage", linear="linear", fuse="fuse_stage", after=(),
                                 inputs="smp"),
 )
 
-FAMILIES = (QKV, HF_PVT_V2, HF_PVT, HF_SEGFORMER, SMP_SEGFORMER)
+FAMILIES = (QKV, HF_PVT_V2, HF_PVT, HF_SEGFORMER, HF_SEGFORMER_4, SMP_SEGFORMER)
