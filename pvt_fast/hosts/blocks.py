@@ -3,7 +3,7 @@
 Each ``match_*`` takes a module and its family's parts (:mod:`pvt_fast.hosts.layouts`) and returns None when
 the module does not hold those parts (another family or kind may), a ``(forward, Binding, attn_dropout)``
 when it can be accelerated, or raises :class:`~pvt_fast.hosts.common.Unsupported` saying why not. The
-``*_forward`` functions become the module's ``forward`` (bound to the instance); they call the host's
+``*_forward`` functions become the module's ``forward`` (for that instance only); they call the host's
 Linear, dropout and output modules as the host does, and hand the call to the host's own forward when
 an argument, a host option or a hook asks for what the op table does not compute.
 """
@@ -19,7 +19,7 @@ PATCH_EMBED = "patch embed"
 
 
 def _roles(parts, names):
-    """The attribute paths of ``parts``'s roles ``names`` (alternatives and unused roles dropped)."""
+    """The attribute paths of ``parts``'s roles ``names`` (tuples flattened, unused roles dropped)."""
     paths = []
     for name in names:
         value = getattr(parts, name)
@@ -184,9 +184,12 @@ def match_patch_embed(module, parts):
     if not (isinstance(proj, nn.Conv2d) and isinstance(norm, nn.LayerNorm)):
         return None
     roles = [parts.proj, parts.norm]
-    if parts.position:
-        roles += [parts.position.position, parts.position.cls_token, parts.position.drop]
-    if not holds_only(module, roles) or (parts.position and not callable(getattr(module, parts.position.resize, None))):
+    position = parts.position
+    if position:
+        roles += [position.position, position.cls_token, position.drop]
+        if not callable(getattr(module, position.resize, None)):
+            return None
+    if not holds_only(module, roles):
         return None
     name = type(module).__name__
     check_conv(proj, f"{name}.{parts.proj}")
@@ -213,7 +216,8 @@ def _probe_output(module, proj):
             return NHWC
         if tuple(out.shape[1:]) == (C, *grid):
             return NCHW
-    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].shape[1:] == (grid[0] * grid[1], C):
+    tokens = grid[0] * grid[1]
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].shape[1:] == (tokens, C):
         if len(out) == 3 and tuple(out[1:]) == grid:
             return TOKENS_H_W
         if len(out) == 2 and tuple(out[1]) == grid:

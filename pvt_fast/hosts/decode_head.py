@@ -42,8 +42,9 @@ def match_decode_head(module, parts):
             f"to D, got {conv}")
     signature = Signature.of(module)
     require(signature.required == 1, f"{name}.forward must take the encoder's outputs alone")
-    fused = [f"{parts.projections}.{i}" for i in range(n)] + [f"{parts.projections}.{i}.{parts.linear}" for i in range(n)]
-    fused += [parts.fuse] + ([f"{parts.fuse}.0"] if conv is not fuse else [])
+    fused = [parts.fuse] + ([f"{parts.fuse}.0"] if conv is not fuse else [])
+    for i in range(n):
+        fused += [f"{parts.projections}.{i}", f"{parts.projections}.{i}.{parts.linear}"]
     return decode_head_forward, Binding(DECODE_HEAD, parts, signature, tuple(fused)), 0.0
 
 

@@ -32,10 +32,16 @@ def _timed(model, x, device):
     """Wall seconds of one ``model(x)``, its process CPU seconds, and the wall seconds of each top-level
     submodule in it."""
     parts, marks, handles = {}, {}, []
+
+    def enter(name):
+        marks[name] = time.perf_counter()
+
+    def leave(name):
+        parts[name] = parts.get(name, 0.0) + time.perf_counter() - marks[name]
+
     for name, child in model.named_children():
-        handles.append(child.register_forward_pre_hook(lambda m, a, name=name: marks.__setitem__(name, time.perf_counter())))
-        handles.append(child.register_forward_hook(
-            lambda m, a, o, name=name: parts.__setitem__(name, parts.get(name, 0.0) + time.perf_counter() - marks[name])))
+        handles.append(child.register_forward_pre_hook(lambda m, a, name=name: enter(name)))
+        handles.append(child.register_forward_hook(lambda m, a, o, name=name: leave(name)))
     try:
         synchronize(device)
         start, cpu = time.perf_counter(), time.process_time()

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 import torch.nn as nn
 
 from pvt_fast._backend import resolve_backend
-from pvt_fast.hosts.blocks import MLP, PATCH_EMBED, SR_CONV, SR_NONE, SR_POOL, match_attention, match_mlp, match_patch_embed
+from pvt_fast.hosts.blocks import (MLP, PATCH_EMBED, SR_CONV, SR_NONE, SR_POOL, match_attention, match_mlp,
+                                   match_patch_embed)
 from pvt_fast.hosts.common import ATTRIBUTE, Unsupported
 from pvt_fast.hosts.decode_head import match_decode_head
 from pvt_fast.hosts.layouts import FAMILIES

@@ -43,8 +43,8 @@ def build_host(name):
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     widths, depths = MIT[size]
-    config = SegformerConfig(hidden_sizes=widths, depths=depths, decoder_hidden_size=256 if size in ("b0", "b1") else 768,
-                             num_labels=LABELS)
+    decoder = 256 if size in ("b0", "b1") else 768
+    config = SegformerConfig(hidden_sizes=widths, depths=depths, decoder_hidden_size=decoder, num_labels=LABELS)
     return SegformerForSemanticSegmentation(config).eval()
 
 
