@@ -3,6 +3,7 @@ output_attentions, attention masks), the hosts' gradient checkpointing, DDP, tor
 or with another backend, and pvt_fast's own models (re-bound, e.g. fused -> sdpa for export and back)."""
 import copy
 import io
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 import pvt_fast
 from helpers import assert_close_rel, assert_tensors_close
 from hosts import build, output
+from pvt_fast.__main__ import main
 from pvt_fast.ops import get_backend_ops
 
 TOL = 1e-5
@@ -236,3 +238,25 @@ def test_compiles_whole(name):
         model(x)
         compiled = torch.compile(model, fullgraph=True)
         assert_close_rel(output(compiled(x)), output(plain(x)), TOL)
+
+
+def test_profile_a_host_model(tmp_path):
+    """``python -m pvt_fast profile --model timm:NAME``: the accelerated model against itself untouched."""
+    assert main(["profile", "--model", "timm:pvt_v2_b0", "--size", "64", "--repeat", "1", "--backend", "sdpa",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["relative_error"] < TOL and set(report["results"]) == {"accelerated", "plain"}
+    assert report["backend"] == "sdpa" and "mlp (dwconv)" in report["summary"]
+    assert "speed-up" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "timm:pvt_v2_b0", "--compare", "sdpa"], "compare must be 'plain' or 'none' for host model"),
+    (["--model", "timm:pvt_v2_b0", "--sweep", "64,96"], "--sweep is not available for host model"),
+    (["--model", "hf-segformer-b9"], "model must be one of timm:<pvt_v2 name>, hf-segformer-b0"),
+    (["--model", "timm:pvt_v9"], "timm has no model 'pvt_v9'"),
+    (["--model", "timm:resnet18"], "found no PVT-family block in ResNet"),
+])
+def test_profile_a_host_model_rejects(argv, message, tmp_path, capsys):
+    assert main(["profile", *argv, "--size", "64", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

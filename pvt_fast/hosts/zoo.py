@@ -32,6 +32,8 @@ def build_host(name):
     if name.startswith("timm:"):
         import timm
 
+        if not timm.is_model(name.removeprefix("timm:")):
+            raise ValueError(f"model {name!r}: timm has no model {name.removeprefix('timm:')!r}")
         return timm.create_model(name.removeprefix("timm:"), pretrained=False).eval()
     size = name.removeprefix(HF_SEGFORMER).removeprefix(SMP_SEGFORMER)
     if size not in MIT or not name.startswith((HF_SEGFORMER, SMP_SEGFORMER)):
