@@ -155,6 +155,21 @@ def test_non_gelu_mlp_is_left_to_the_host():
         assert_close_rel(output(model(x)), output(plain(x)), FORWARD_TOL)
 
 
+def test_activation_given_as_a_function():
+    """Hugging Face keeps a callable ``config.hidden_act`` as is (transformers 4.x): a plain GELU function."""
+    model = build("hf-pvt-v2").eval()
+    for m in model.modules():
+        if hasattr(m, "intermediate_act_fn"):
+            del m.intermediate_act_fn  # a module until now; a plain attribute from here on
+            m.intermediate_act_fn = torch.nn.functional.gelu
+    plain = copy.deepcopy(model)
+    pvt_fast.accelerate(model, backend="sdpa")
+    assert model.pvt_fast_summary.counts["mlp (dwconv)"] == 4
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert_close_rel(output(model(x)), output(plain(x)), FORWARD_TOL)
+
+
 def test_nothing_recognizable_raises_naming_the_class():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     with pytest.raises(ValueError, match="Sequential"):

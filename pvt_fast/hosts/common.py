@@ -83,8 +83,9 @@ def computes_gelu(act):
 
 
 def has_hooks(module):
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    """Hooks registered on ``module`` (an activation may also be a plain function: it has none)."""
+    return isinstance(module, nn.Module) and bool(module._forward_hooks or module._forward_pre_hooks
+                                                  or module._backward_hooks or module._backward_pre_hooks)
 
 
 @dataclass(frozen=True)
