@@ -12,6 +12,7 @@ def _sizes(text):
 
 def _parser():
     from pvt_fast import BACKENDS
+    from pvt_fast.hosts.zoo import NAMES
     from pvt_fast.models import CONFIGS
     from pvt_fast.profiler import DTYPES
 
@@ -22,13 +23,16 @@ def _parser():
         description="Profile forward_pyramid per stage (time, peak memory, FLOPs, tokens N, keys M) for "
                     "pvt_fast's backend and a comparison backend; writes DIR/report.md, report.json, trace.json "
                     "and memory_time.png.")
-    p.add_argument("--model", required=True, metavar="NAME", help=f"one of {', '.join(CONFIGS)}")
+    p.add_argument("--model", required=True, metavar="NAME",
+                   help=f"one of {', '.join(CONFIGS)}; or a host model accelerated in place with pvt_fast.accelerate "
+                        f"and timed against itself untouched: {', '.join(NAMES)}")
     p.add_argument("--size", required=True, type=int, help="input height and width in pixels")
     p.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
     p.add_argument("--dtype", default="fp32", help=f"one of {', '.join(DTYPES)} (default fp32)")
     p.add_argument("--backend", default="auto", help=f"auto or one of {', '.join(BACKENDS)} (default auto)")
-    p.add_argument("--compare", default="reference",
-                   help=f"backend to compare with, one of {', '.join(BACKENDS)}, or 'none' (default reference)")
+    p.add_argument("--compare", default=None,
+                   help=f"backend to compare with, one of {', '.join(BACKENDS)}, or 'none' (default reference); "
+                        "for a host model 'plain' (the default) or 'none'")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: cuda when available)")
     p.add_argument("--sweep", type=_sizes, default=None, metavar="S1,S2,...",
                    help="resolutions of the memory/time plot (default 224, 512, 1024, ... up to --size)")
@@ -40,13 +44,23 @@ def _parser():
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    from pvt_fast.hosts.zoo import is_host_name
     from pvt_fast.profiler import ProfileArgumentError, profile_model
 
-    compare = None if args.compare == "none" else args.compare
+    host = is_host_name(args.model)
+    compare = None if args.compare == "none" else args.compare or ("plain" if host else "reference")
     try:
-        report = profile_model(args.model, args.size, args.out, batch=args.batch, dtype=args.dtype,
-                               backend=args.backend, compare=compare, device=args.device, sweep=args.sweep,
-                               repeat=args.repeat)
+        if host:
+            if args.sweep:
+                raise ProfileArgumentError(f"--sweep is not available for host model {args.model!r}")
+            from pvt_fast.hosts.profile import profile_host
+
+            report = profile_host(args.model, args.size, args.out, batch=args.batch, dtype=args.dtype,
+                                  backend=args.backend, compare=compare, device=args.device, repeat=args.repeat)
+        else:
+            report = profile_model(args.model, args.size, args.out, batch=args.batch, dtype=args.dtype,
+                                   backend=args.backend, compare=compare, device=args.device, sweep=args.sweep,
+                                   repeat=args.repeat)
     except ProfileArgumentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 from pvt_fast._backend import resolve_backend
+from pvt_fast.models.layers import bind_backend
 from pvt_fast.ops import get_backend_ops
 
 DEFAULT_CFG = {
@@ -109,6 +110,16 @@ class PyramidBase(nn.Module):
             maps = self.forward_pyramid(x)
             return [maps[i] for i in self.out_indices]
         return self.head(self.forward_features(x))
+
+    # --- backend ----------------------------------------------------------------------------------
+
+    def set_backend(self, backend):
+        """Compute through ``backend``'s ops from now on, with the same parameters: e.g. a model built with
+        ``fused`` switched to ``sdpa`` for CPU use or export, and back. Returns the model."""
+        self.backend = resolve_backend(backend)
+        self._ops = get_backend_ops(self.backend)
+        bind_backend(self, self.backend)
+        return self
 
     # --- official API -----------------------------------------------------------------------------
 

@@ -62,6 +62,10 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.H * self.W
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=padding)
         self.norm = nn.LayerNorm(embed_dim)
+        self.bind_ops(ops)
+
+    def bind_ops(self, ops):
+        """Compute through the op table ``ops`` from now on (see :meth:`PyramidBase.set_backend`)."""
         self._ops = ops
 
     def output_size(self, H, W):
@@ -91,16 +95,22 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.linear = linear
         self.sr_ratio = sr_ratio
-        self._ops = ops
         if linear:
             self.pool = nn.AdaptiveAvgPool2d(7)
             self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
             self.norm = nn.LayerNorm(dim)
             self.act = nn.GELU()
-            self._reduce = ops.reduce_kv_linear
         elif sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
+        self.bind_ops(ops)
+
+    def bind_ops(self, ops):
+        """Compute through the op table ``ops`` from now on (see :meth:`PyramidBase.set_backend`)."""
+        self._ops = ops
+        if self.linear:
+            self._reduce = ops.reduce_kv_linear
+        elif self.sr_ratio > 1:
             self._reduce = ops.reduce_kv
         else:
             self._reduce = None
@@ -138,6 +148,10 @@ class Mlp(nn.Module):
         if linear:
             self.relu = nn.ReLU(inplace=True)
         self._has_dwconv = dwconv
+        self.bind_ops(ops)
+
+    def bind_ops(self, ops):
+        """Compute through the op table ``ops`` from now on (see :meth:`PyramidBase.set_backend`)."""
         self._ops = ops
 
     def forward(self, x, H, W):
@@ -182,6 +196,16 @@ def scaled_size(img_size, divisor):
     return tuple(s // divisor for s in _pair(img_size))
 
 
+def bind_backend(module, backend):
+    """Point every pvt_fast layer inside ``module`` at ``backend``'s op table (same parameters); an attention
+    layer with dropout gets the table its dropout needs, as at construction."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.bind_ops(get_backend_ops(backend, attn_dropout=m.attn_drop.p))
+        elif isinstance(m, (Mlp, PatchEmbed)):
+            m.bind_ops(get_backend_ops(backend))
+
+
 def run_blocks(blocks, x, H, W, checkpointing):
     """Run a stage's blocks, recomputing each in backward when ``checkpointing`` (same numbers)."""
     for blk in blocks:
@@ -192,5 +216,5 @@ def run_blocks(blocks, x, H, W, checkpointing):
     return x
 
 
-__all__ = ["Attention", "Block", "DWConv", "DropPath", "Mlp", "PatchEmbed", "drop_path_rates", "run_blocks",
-           "official_init", "scaled_size"]
+__all__ = ["Attention", "Block", "DWConv", "DropPath", "Mlp", "PatchEmbed", "bind_backend", "drop_path_rates",
+           "run_blocks", "official_init", "scaled_size"]
