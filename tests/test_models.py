@@ -225,8 +225,29 @@ def test_pyramid_features(name):
     with torch.no_grad():
         picked = only(x)
     assert len(picked) == 2 and torch.equal(picked[0], maps[1]) and torch.equal(picked[1], maps[3])
-    with pytest.raises(ValueError, match="out_indices"):
-        make(name, out_indices=(4,))
+
+
+def test_negative_out_indices_count_from_the_last_stage():
+    model = make("pvt_v2_b0", out_indices=(-1, 0, -3))
+    assert model.out_indices == (3, 0, 1)
+    whole = make("pvt_v2_b0")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps = whole.forward_pyramid(x)
+        picked = model(x)
+    assert [torch.equal(p, maps[i]) for p, i in zip(picked, (3, 0, 1))] == [True] * 3
+
+
+@pytest.mark.parametrize("out_indices,error,message", [
+    ((4,), ValueError, r"in \[-4, 4\) .* got \(4,\): \[4\] out of range"),
+    ((0, -5), ValueError, r"got \(0, -5\): \[-5\] out of range"),
+    ((), ValueError, r"non-empty sequence .* got \(\)"),
+    ((1.0,), ValueError, r"got \(1.0,\)"),
+    (3, TypeError, r"such as \(0, 1, 2, 3\) or \(-1,\), got 3"),
+])
+def test_bad_out_indices_are_named(out_indices, error, message):
+    with pytest.raises(error, match=message):
+        make("pvt_v2_b0", out_indices=out_indices)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (160, 96)])
