@@ -349,6 +349,14 @@ def test_wrong_checkpoint_non_strict_loads_what_fits():
     assert report.mismatched == (("head.weight", (7, 256), (10, 256)),)
     assert torch.equal(model.block1[0].attn.q.weight, checkpoint["block1.0.attn.q.weight"])
     assert "head.weight" not in report.loaded and "head.bias" in report.loaded
+    n = len(model.state_dict()) - 2
+    assert repr(report) == (f"LoadReport(format='official', loaded={n}, resized=0, eps=0, missing=1, "
+                            "unexpected=1, mismatched=1)")
+    details = report.details().splitlines()
+    assert f"  loaded ({n}):" in details and all(f"    {key}" in details for key in report.loaded)
+    assert details[-6:] == ["  missing from the checkpoint (1):", "    block2.1.attn.q.bias",
+                            "  unexpected in the checkpoint (1):", "    block9.0.attn.q.weight",
+                            "  shape mismatch (1):", "    head.weight: checkpoint (7, 256), model (10, 256)"]
 
 
 def test_non_square_pos_embed_is_a_mismatch():
