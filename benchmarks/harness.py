@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pvt_fast.ops import get_backend_ops
-from pvt_fast.profiler import CPU_CAP_BYTES, available_bytes, peak_memory_bytes, synchronize
+from pvt_fast.profiler import over_budget, peak_memory_bytes, synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
@@ -41,13 +41,11 @@ def op_table(impl):
 
 
 def require_bytes(nbytes, what):
-    """Skip, before anything is allocated, when ``what`` needs more than this device can give."""
-    have = 0.9 * available_bytes(DEVICE)
-    if not ON_CUDA:
-        have = min(have, CPU_CAP_BYTES)
-    if nbytes > have:
-        pytest.skip(f"{what} would need {nbytes} bytes ({nbytes / 2**30:.1f} GiB); "
-                    f"{int(have)} bytes ({have / 2**30:.1f} GiB) can be used on {DEVICE.type}")
+    """Skip, before anything is allocated, when ``what`` needs more than the profiler would give one case on this
+    device (on CPU at most ``PVT_FAST_CPU_CAP_MIB``)."""
+    too_big = over_budget(nbytes, DEVICE, cpu_cap=True)
+    if too_big:
+        pytest.skip(f"{what} {too_big}")
 
 
 def require_flops(flops, what):
