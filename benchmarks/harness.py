@@ -22,6 +22,7 @@ from pvt_fast.profiler import over_budget, peak_memory_bytes, synchronize
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
+ITEMSIZE = DTYPE.itemsize
 L2_BYTES = 60 * 2**20  # H100 50 MB, H200 60 MB; inputs smaller than twice this are rotated between calls
 MAX_COPIES = 64
 WARMUP_CALLS = 3
@@ -31,6 +32,16 @@ MAX_FLOPS_PER_CALL = 5e14 if ON_CUDA else 2e11  # about a second per call: more 
 def cases(cpu, cuda):
     """The (resolution, batch) cases of this machine: full sizes on CUDA, small ones on CPU."""
     return cuda if ON_CUDA else cpu
+
+
+# The single-op groups (patch-embed, mlp-dwconv): their sizes, and the op table behind each impl.
+OP_CASES = cases(cpu=[(224, 1), (512, 1)], cuda=[(224, 64), (512, 16), (1024, 4), (2048, 1), (4096, 1)])
+OP_IMPLS = {"torch": "reference", "fused": "fused"}
+
+
+def random_tensor(*shape, scale=1.0):
+    """Normal noise times ``scale`` on the benchmark device, in the benchmark dtype."""
+    return torch.randn(*shape, device=DEVICE, dtype=DTYPE) * scale
 
 
 def op_table(impl):
