@@ -18,7 +18,7 @@ from harness import DEVICE, DTYPE, ITEMSIZE, cases, op_table, require_bytes, run
 import pvt_fast
 from pvt_fast.flops import model_flops, stage_flops
 from pvt_fast.profile_setup import build_model
-from pvt_fast.profiler import forward_bytes_estimate
+from pvt_fast.profiler import attention_matrix_bytes, forward_bytes_estimate
 
 MODEL = "pvt_v2_b2"
 EAGER = ["official-eager", "timm", "pvt_fast"]
@@ -70,10 +70,10 @@ def _bytes_needed(impl, resolution, batch, train):
     saved = 0
     for i, s in enumerate(stage_flops(model, resolution, batch)):
         blk = getattr(model, f"block{i + 1}")[0]
-        per_block = batch * s.tokens * (12 * model.embed_dims[i] + 4 * blk.mlp.fc1.out_features)
+        per_block = batch * s.tokens * (12 * model.embed_dims[i] + 4 * blk.mlp.fc1.out_features) * ITEMSIZE
         if model.backend == "reference":
-            per_block += 2 * batch * blk.attn.num_heads * s.tokens * s.keys
-        saved += model.depths[i] * per_block * ITEMSIZE
+            per_block += attention_matrix_bytes(batch, blk.attn.num_heads, s.tokens, s.keys, ITEMSIZE)
+        saved += model.depths[i] * per_block
     return 4 * weights + saved
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from harness import ITEMSIZE, cases, op_table, random_tensor, require_bytes, require_flops, run_benchmark
 from pvt_fast.ops import get_backend_ops
-from pvt_fast.profiler import plain_attention_bytes
+from pvt_fast.profiler import attention_matrix_bytes, plain_attention_bytes
 
 DIM, HEADS, SR = 64, 1, 8
 EPS = 1e-6
@@ -35,7 +35,7 @@ def _bytes_needed(impl, batch, tokens, keys):
     if impl == "plain":
         return activations + plain_attention_bytes(tokens, DIM, HEADS, batch, ITEMSIZE)
     if impl == "reference":
-        return activations + 2 * batch * HEADS * tokens * keys * ITEMSIZE
+        return activations + attention_matrix_bytes(batch, HEADS, tokens, keys, ITEMSIZE)
     return activations
 
 

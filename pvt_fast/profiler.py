@@ -21,6 +21,7 @@ The arguments are checked, and the model built, in :mod:`pvt_fast.profile_setup`
 :mod:`pvt_fast.profile_report`. This module measures.
 """
 import json
+import math
 import os
 import statistics
 import sys
@@ -67,7 +68,7 @@ def available_bytes(device):
 
 def _mib(nbytes, round_up):
     mib = nbytes / 2**20
-    return f"{-int(-mib // 1) if round_up else int(mib)} MiB"
+    return f"{math.ceil(mib) if round_up else math.floor(mib)} MiB"
 
 
 def over_budget(need, device, cpu_cap=False):
@@ -266,6 +267,12 @@ def _profiled_run(model, x, trace_path):
     return out, total_peak, stage_peaks
 
 
+def attention_matrix_bytes(batch, heads, tokens, keys, itemsize):
+    """Bytes of the attention matrices an eager attention (the reference backend's, or plain global attention)
+    keeps alive at once: scores and probabilities, ``tokens`` x ``keys`` per head."""
+    return 2 * batch * heads * tokens * keys * itemsize
+
+
 def forward_bytes_estimate(model, size, batch, itemsize):
     """A rough upper estimate of the activation bytes of ``forward_pyramid``: the widest MLP activations of a
     stage plus, for the reference backend, its two materialized N x M attention matrices."""
@@ -273,7 +280,8 @@ def forward_bytes_estimate(model, size, batch, itemsize):
     for s, blk in zip(stage_flops(model, size, batch, pyramid=True),
                       (getattr(model, f"block{i + 1}")[0] for i in range(model.num_stages))):
         mlp = 3 * batch * s.tokens * blk.mlp.fc1.out_features * itemsize
-        scores = 2 * batch * blk.attn.num_heads * s.tokens * s.keys * itemsize if model.backend == "reference" else 0
+        scores = (attention_matrix_bytes(batch, blk.attn.num_heads, s.tokens, s.keys, itemsize)
+                  if model.backend == "reference" else 0)
         worst = max(worst, mlp + scores)
     return worst
 
@@ -295,7 +303,7 @@ def measure_model(model, x, label, repeat, warmup, trace_path):
 def plain_attention_bytes(tokens, dim, heads, batch, itemsize):
     """Peak bytes of plain global attention softmax(Q K^T * scale) V over ``tokens`` tokens, beyond its
     inputs: two N x N matrices per head live at once (scores and probabilities) plus the output."""
-    return 2 * batch * heads * tokens * tokens * itemsize + batch * tokens * dim * itemsize
+    return attention_matrix_bytes(batch, heads, tokens, tokens, itemsize) + batch * tokens * dim * itemsize
 
 
 def measure_plain_attention(model, size, batch, dtype, device, repeat, warmup):
@@ -415,6 +423,6 @@ def _report(setup, main, labels, results):
     }
 
 
-__all__ = ["Measurement", "available_bytes", "forward_bytes_estimate", "measure_model", "measure_plain_attention",
-           "over_budget", "peak_memory_bytes", "plain_attention_bytes", "profile_model", "stage_hooks",
-           "stage_modules", "synchronize"]
+__all__ = ["Measurement", "attention_matrix_bytes", "available_bytes", "forward_bytes_estimate", "measure_model",
+           "measure_plain_attention", "over_budget", "peak_memory_bytes", "plain_attention_bytes", "profile_model",
+           "stage_hooks", "stage_modules", "synchronize"]
