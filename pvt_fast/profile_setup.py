@@ -93,7 +93,8 @@ def _default_sweep(size, min_size):
     return sorted(set(sizes + [size]))
 
 
-def _resolve_device(device):
+def resolve_device(device):
+    """``device`` (``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``) as a torch.device that exists here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     expected = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}"
@@ -111,7 +112,7 @@ def _resolve_device(device):
     return device
 
 
-def _resolve_backend(argument, backend, device):
+def concrete_backend(argument, backend, device):
     """``backend`` (the value of ``argument``) as a concrete name; ``fused`` must be able to run on ``device``."""
     from pvt_fast import resolve_backend
     from pvt_fast._backend import ENV_VAR
@@ -161,12 +162,16 @@ def check_profile_args(name, size, out_dir, batch=1, dtype="fp32", backend="auto
     if not isinstance(size, int) or size < min_size:
         raise ProfileArgumentError(f"size must be at least {name}'s min_input_size {min_size}, got {size!r}")
     cpu_cap_bytes()
-    device = _resolve_device(device)
-    backend = _resolve_backend("backend", backend, device)
+    device = resolve_device(device)
+    backend = concrete_backend("backend", backend, device)
     if compare is not None:
-        compare = _resolve_backend("compare", compare, device)
+        compare = concrete_backend("compare", compare, device)
     sweep = sorted(set(sweep or _default_sweep(size, min_size)) | {size})
     small = [s for s in sweep if s < min_size]
     if small:
         raise ProfileArgumentError(f"sweep sizes must be at least {name}'s min_input_size {min_size}, got {small}")
     return ProfileSetup(name, size, batch, dtype, device, backend, compare, sweep, repeat, _out_folder(out_dir))
+
+
+__all__ = ["CPU_CAP_ENV", "DTYPES", "ProfileArgumentError", "ProfileSetup", "build_model", "check_profile_args",
+           "concrete_backend", "cpu_cap_bytes", "model_names", "resolve_device"]
