@@ -1,5 +1,7 @@
 """PVT v1/v2 models: official structure and keys, equivalence between backends and with outside oracles
 (timm for v2), position-embedding resizing, dense features, input errors."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -138,12 +140,12 @@ def resized(pos, grid, size):
     return F.interpolate(img, size=size, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
 
 
-def assert_matches_written_out(got, written_out, x, what):
-    """``got`` (one tensor per stage, from pvt_tiny in fp32) against ``written_out(model, x)`` in float64, within
-    LOWP_FACTOR times the error the same written-out computation makes in fp32."""
+def assert_matches_written_out(got, written_out, model, x, what):
+    """``got`` (one tensor per stage, from ``model`` in fp32) against ``written_out(model, x)`` in float64,
+    within LOWP_FACTOR times the error the same written-out computation makes in fp32."""
     with torch.no_grad():
-        fp32 = written_out(make("pvt_tiny"), x)
-        exact = written_out(make("pvt_tiny").double(), x.double())
+        fp32 = written_out(model, x)
+        exact = written_out(copy.deepcopy(model).double(), x.double())
     for i, (mine, want, plain) in enumerate(zip(got, exact, fp32)):
         assert_close(mine, want, atol=LOWP_FACTOR * lowp_error(plain, want), what=f"stage {i + 1} {what}")
 
@@ -176,12 +178,14 @@ def test_v1_pos_embed_resized_from_construction_grid(size):
     own construction grid to its own grid."""
     model = make("pvt_tiny")
     seen = []
-    for i in range(1, 5):
-        getattr(model, f"block{i}")[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    hooks = [getattr(model, f"block{i}")[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+             for i in range(1, 5)]
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
         model(x)
-    assert_matches_written_out(seen, stage_inputs_written_out, x, "input")
+    for h in hooks:
+        h.remove()
+    assert_matches_written_out(seen, stage_inputs_written_out, model, x, "input")
 
 
 def test_v1_at_construction_size_adds_embedding_unresized():
@@ -292,7 +296,7 @@ def test_v1_pyramid_as_official_detection_backbone(size):
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         got = model(x)
-    assert_matches_written_out(got, v1_detection_maps_written_out, x, "map")
+    assert_matches_written_out(got, v1_detection_maps_written_out, model, x, "map")
 
 
 @pytest.mark.parametrize("name", ["pvt_tiny", "pvt_v2_b2_li"])
@@ -329,7 +333,7 @@ def test_channels_last_and_noncontiguous_inputs(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_autocast(name, dtype):
     model, reference = make(name, "sdpa"), make(name, "reference")
-    exact = make(name, "reference").double()
+    exact = copy.deepcopy(reference).double()
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         want = exact(x.double())
