@@ -39,9 +39,9 @@ demo: install
 	$(BIN)/python -m pvt_fast profile --model pvt_v2_b2 --size 1024 --compare reference --out profile_out
 
 test: install
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not aot" -p no:cacheprovider
-	$(BIN)/python -m pytest -q -m aot -p no:cacheprovider
-	$(BIN)/python -m pytest -q benchmarks/ --benchmark-disable -m "not compiled" -p no:cacheprovider
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -rs -m "not aot" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -m aot -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs benchmarks/ --benchmark-disable -m "not compiled" -p no:cacheprovider
 
 test-full: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not aot" --runslow

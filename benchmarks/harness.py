@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from pvt_fast.ops import get_backend_ops
-from pvt_fast.profiler import CPU_CAP_BYTES, available_bytes, peak_memory_bytes, synchronize
+from pvt_fast.profiler import over_budget, peak_memory_bytes, synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
+ITEMSIZE = DTYPE.itemsize
 L2_BYTES = 60 * 2**20  # H100 50 MB, H200 60 MB; inputs smaller than twice this are rotated between calls
 MAX_COPIES = 64
 WARMUP_CALLS = 3
@@ -33,6 +34,16 @@ def cases(cpu, cuda):
     return cuda if ON_CUDA else cpu
 
 
+# The single-op groups (patch-embed, mlp-dwconv): their sizes, and the op table behind each impl.
+OP_CASES = cases(cpu=[(224, 1), (512, 1)], cuda=[(224, 64), (512, 16), (1024, 4), (2048, 1), (4096, 1)])
+OP_IMPLS = {"torch": "reference", "fused": "fused"}
+
+
+def random_tensor(*shape, scale=1.0):
+    """Normal noise times ``scale`` on the benchmark device, in the benchmark dtype."""
+    return torch.randn(*shape, device=DEVICE, dtype=DTYPE) * scale
+
+
 def op_table(impl):
     """The op table behind ``impl`` (``reference``, ``sdpa`` or ``fused``), or a skip saying why not here."""
     if impl == "fused" and not ON_CUDA:
@@ -41,13 +52,11 @@ def op_table(impl):
 
 
 def require_bytes(nbytes, what):
-    """Skip, before anything is allocated, when ``what`` needs more than this device can give."""
-    have = 0.9 * available_bytes(DEVICE)
-    if not ON_CUDA:
-        have = min(have, CPU_CAP_BYTES)
-    if nbytes > have:
-        pytest.skip(f"{what} would need {nbytes} bytes ({nbytes / 2**30:.1f} GiB); "
-                    f"{int(have)} bytes ({have / 2**30:.1f} GiB) can be used on {DEVICE.type}")
+    """Skip, before anything is allocated, when ``what`` needs more than the profiler would give one case on this
+    device (on CPU at most ``PVT_FAST_CPU_CAP_MIB``)."""
+    too_big = over_budget(nbytes, DEVICE, cpu_cap=True)
+    if too_big:
+        pytest.skip(f"{what} {too_big}")
 
 
 def require_flops(flops, what):

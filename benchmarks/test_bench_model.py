@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import DEVICE, DTYPE, cases, op_table, require_bytes, run_benchmark
+from harness import DEVICE, DTYPE, ITEMSIZE, cases, op_table, require_bytes, run_benchmark
 import pvt_fast
 from pvt_fast.flops import model_flops, stage_flops
-from pvt_fast.profiler import forward_bytes_estimate
+from pvt_fast.profile_setup import build_model
+from pvt_fast.profiler import attention_matrix_bytes, forward_bytes_estimate
 
 MODEL = "pvt_v2_b2"
 EAGER = ["official-eager", "timm", "pvt_fast"]
@@ -62,20 +63,26 @@ def _build(impl):
 def _bytes_needed(impl, resolution, batch, train):
     """A rough upper estimate: weights (x4 when training: grads and a spare) plus activations; when training,
     every block keeps its MLP activations (and, for the reference, its attention probabilities) for backward."""
-    itemsize = torch.empty((), dtype=DTYPE).element_size()
-    with torch.device("meta"):
-        model = pvt_fast.create_model(MODEL, backend="reference" if impl == "official-eager" else "sdpa")
-    weights = sum(p.numel() for p in model.parameters()) * itemsize
+    model = build_model(MODEL, "reference" if impl == "official-eager" else "sdpa", device="meta")
+    weights = sum(p.numel() for p in model.parameters()) * ITEMSIZE
     if not train:
-        return weights + forward_bytes_estimate(model, resolution, batch, itemsize)
+        return weights + forward_bytes_estimate(model, resolution, batch, ITEMSIZE)
     saved = 0
     for i, s in enumerate(stage_flops(model, resolution, batch)):
         blk = getattr(model, f"block{i + 1}")[0]
-        per_block = batch * s.tokens * (12 * model.embed_dims[i] + 4 * blk.mlp.fc1.out_features)
+        per_block = batch * s.tokens * (12 * model.embed_dims[i] + 4 * blk.mlp.fc1.out_features) * ITEMSIZE
         if model.backend == "reference":
-            per_block += 2 * batch * blk.attn.num_heads * s.tokens * s.keys
-        saved += model.depths[i] * per_block * itemsize
+            per_block += attention_matrix_bytes(batch, blk.attn.num_heads, s.tokens, s.keys, ITEMSIZE)
+        saved += model.depths[i] * per_block
     return 4 * weights + saved
+
+
+def _fitting_model(impl, resolution, batch, train):
+    """``impl``'s model in train or eval mode, once the case is known to fit (else the case is skipped)."""
+    step = "train step" if train else "forward"
+    require_bytes(_bytes_needed(impl, resolution, batch, train),
+                  f"{impl} {step} at {resolution}x{resolution}, batch {batch}")
+    return _build(impl).train(train)
 
 
 def _inputs(resolution, batch):
@@ -86,9 +93,7 @@ def _inputs(resolution, batch):
 @pytest.mark.benchmark(group="model-forward")
 @pytest.mark.parametrize("impl,resolution,batch", _params(FORWARD))
 def test_model_forward(benchmark, impl, resolution, batch):
-    require_bytes(_bytes_needed(impl, resolution, batch, train=False),
-                  f"{impl} forward at {resolution}x{resolution}, batch {batch}")
-    model = _build(impl).eval()
+    model = _fitting_model(impl, resolution, batch, train=False)
 
     def forward(x, _):
         return model(x)
@@ -102,9 +107,7 @@ def test_model_forward(benchmark, impl, resolution, batch):
 @pytest.mark.benchmark(group="model-train-step")
 @pytest.mark.parametrize("impl,resolution,batch", _params(TRAIN))
 def test_model_train_step(benchmark, impl, resolution, batch):
-    require_bytes(_bytes_needed(impl, resolution, batch, train=True),
-                  f"{impl} train step at {resolution}x{resolution}, batch {batch}")
-    model = _build(impl).train()
+    model = _fitting_model(impl, resolution, batch, train=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def train_step(x, target):

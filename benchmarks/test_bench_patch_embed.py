@@ -8,39 +8,36 @@ token grid (B, res/4, res/4, 64) through a 3x3 stride-2 conv to 128 channels.
 import pytest
 import torch
 
-from harness import DEVICE, DTYPE, cases, op_table, require_bytes, run_benchmark
+from harness import ITEMSIZE, OP_CASES, OP_IMPLS, op_table, random_tensor, require_bytes, run_benchmark
 
 EPS = 1e-6
 STAGES = {1: dict(c_in=3, c_out=64, kernel=7, stride=4, in_stride=1, layout="nchw"),
           2: dict(c_in=64, c_out=128, kernel=3, stride=2, in_stride=4, layout="nhwc")}
-CASES = cases(cpu=[(224, 1), (512, 1)], cuda=[(224, 64), (512, 16), (1024, 4), (2048, 1), (4096, 1)])
-IMPLS = {"torch": "reference", "fused": "fused"}
 
 
 @pytest.mark.benchmark(group="patch-embed")
-@pytest.mark.parametrize("resolution,batch", CASES)
+@pytest.mark.parametrize("resolution,batch", OP_CASES)
 @pytest.mark.parametrize("stage", sorted(STAGES))
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", list(OP_IMPLS))
 def test_patch_embed(benchmark, impl, stage, resolution, batch):
     cfg = STAGES[stage]
     c_in, c_out, k, stride = cfg["c_in"], cfg["c_out"], cfg["kernel"], cfg["stride"]
     side = resolution // cfg["in_stride"]
     out_side = (side + 2 * (k // 2) - k) // stride + 1
-    itemsize = torch.empty((), dtype=DTYPE).element_size()
-    in_bytes = batch * side * side * c_in * itemsize
-    out_bytes = batch * out_side * out_side * c_out * itemsize
-    ops = op_table(IMPLS[impl])
+    in_bytes = batch * side * side * c_in * ITEMSIZE
+    out_bytes = batch * out_side * out_side * c_out * ITEMSIZE
+    ops = op_table(OP_IMPLS[impl])
     require_bytes(in_bytes * 2 + out_bytes * 3, f"patch embedding stage {stage} at {resolution}x{resolution}, "
                   f"batch {batch}")
-    new = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=DTYPE)  # noqa: E731
-    weight, bias = new(c_out, c_in, k, k) * (2 / (k * k * c_out)) ** 0.5, new(c_out) * 0.1
-    norm_w, norm_b = 1 + new(c_out) * 0.1, new(c_out) * 0.1
+    weight = random_tensor(c_out, c_in, k, k, scale=(2 / (k * k * c_out)) ** 0.5)
+    bias, norm_b = random_tensor(c_out, scale=0.1), random_tensor(c_out, scale=0.1)
+    norm_w = 1 + random_tensor(c_out, scale=0.1)
     shape = (batch, c_in, side, side) if cfg["layout"] == "nchw" else (batch, side, side, c_in)
 
     def embed(x):
         return ops.patch_embed(x, weight, bias, norm_w, norm_b, EPS, stride, k // 2, cfg["layout"])
 
     with torch.no_grad():
-        run_benchmark(benchmark, embed, lambda: (new(*shape),), impl=impl, resolution=resolution, batch=batch,
-                      stage=stage, flops=2 * batch * out_side * out_side * c_out * c_in * k * k,
+        run_benchmark(benchmark, embed, lambda: (random_tensor(*shape),), impl=impl, resolution=resolution,
+                      batch=batch, stage=stage, flops=2 * batch * out_side * out_side * c_out * c_in * k * k,
                       moved_bytes=in_bytes + out_bytes)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import DEVICE, DTYPE, cases, op_table, require_bytes, require_flops, run_benchmark
+from harness import ITEMSIZE, cases, op_table, random_tensor, require_bytes, require_flops, run_benchmark
 from pvt_fast.ops import get_backend_ops
-from pvt_fast.profiler import plain_attention_bytes
+from pvt_fast.profiler import attention_matrix_bytes, plain_attention_bytes
 
 DIM, HEADS, SR = 64, 1, 8
 EPS = 1e-6
@@ -30,12 +30,12 @@ def _flops(impl, batch, tokens, keys):
             + 4 * batch * tokens * keys * DIM)
 
 
-def _bytes_needed(impl, batch, tokens, keys, itemsize):
-    activations = 8 * batch * tokens * DIM * itemsize  # x, q, kv, output and layout copies
+def _bytes_needed(impl, batch, tokens, keys):
+    activations = 8 * batch * tokens * DIM * ITEMSIZE  # x, q, kv, output and layout copies
     if impl == "plain":
-        return activations + plain_attention_bytes(tokens, DIM, HEADS, batch, itemsize)
+        return activations + plain_attention_bytes(tokens, DIM, HEADS, batch, ITEMSIZE)
     if impl == "reference":
-        return activations + 2 * batch * HEADS * tokens * keys * itemsize
+        return activations + attention_matrix_bytes(batch, HEADS, tokens, keys, ITEMSIZE)
     return activations
 
 
@@ -46,16 +46,14 @@ def test_sra_attention(benchmark, impl, resolution, batch):
     side = resolution // 4
     tokens = side * side
     keys = (side // SR) ** 2
-    itemsize = torch.empty((), dtype=DTYPE).element_size()
     ops = get_backend_ops(GLOBAL[impl]) if impl in GLOBAL else op_table(impl)
     what = f"{impl} at {resolution}x{resolution}, batch {batch}"
-    require_bytes(_bytes_needed(impl, batch, tokens, keys, itemsize), what)
+    require_bytes(_bytes_needed(impl, batch, tokens, keys), what)
     flops = _flops(impl, batch, tokens, keys)
     require_flops(flops, what)
-    new = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=DTYPE) * 0.5  # noqa: E731
-    kv_w, kv_b = new(2 * DIM, DIM) * 0.2, new(2 * DIM)
-    sr_w, sr_b = new(DIM, DIM, SR, SR) * 0.05, new(DIM)
-    norm_w, norm_b = 1 + new(DIM) * 0.1, new(DIM) * 0.1
+    kv_w, kv_b = random_tensor(2 * DIM, DIM, scale=0.1), random_tensor(2 * DIM, scale=0.5)
+    sr_w, sr_b = random_tensor(DIM, DIM, SR, SR, scale=0.025), random_tensor(DIM, scale=0.5)
+    norm_w, norm_b = 1 + random_tensor(DIM, scale=0.05), random_tensor(DIM, scale=0.05)
     scale = (DIM // HEADS) ** -0.5
 
     if impl in GLOBAL:
@@ -67,7 +65,8 @@ def test_sra_attention(benchmark, impl, resolution, batch):
             return ops.attention(q, F.linear(reduced, kv_w, kv_b), HEADS, scale, 0.0)
 
     with torch.no_grad():
-        run_benchmark(benchmark, layer, lambda: (new(batch, tokens, DIM), new(batch, tokens, DIM)),
+        run_benchmark(benchmark, layer, lambda: (random_tensor(batch, tokens, DIM, scale=0.5),
+                                                  random_tensor(batch, tokens, DIM, scale=0.5)),
                       impl=impl, resolution=resolution, batch=batch, tokens=tokens,
                       keys=tokens if impl in GLOBAL else keys, flops=flops,
-                      moved_bytes=3 * batch * tokens * DIM * itemsize)
+                      moved_bytes=3 * batch * tokens * DIM * ITEMSIZE)

@@ -13,8 +13,7 @@ def _sizes(text):
 def _parser():
     from pvt_fast import BACKENDS
     from pvt_fast.hosts.zoo import NAMES
-    from pvt_fast.models import CONFIGS
-    from pvt_fast.profiler import DTYPES
+    from pvt_fast.profile_setup import DTYPES, model_names
 
     parser = argparse.ArgumentParser(prog="python -m pvt_fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -24,8 +23,8 @@ def _parser():
                     "pvt_fast's backend and a comparison backend; writes DIR/report.md, report.json, trace.json "
                     "and memory_time.png.")
     p.add_argument("--model", required=True, metavar="NAME",
-                   help=f"one of {', '.join(CONFIGS)}; or a host model accelerated in place with pvt_fast.accelerate "
-                        f"and timed against itself untouched: {', '.join(NAMES)}")
+                   help=f"one of {', '.join(model_names())}; or a host model accelerated in place with "
+                        f"pvt_fast.accelerate and timed against itself untouched: {', '.join(NAMES)}")
     p.add_argument("--size", required=True, type=int, help="input height and width in pixels")
     p.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
     p.add_argument("--dtype", default="fp32", help=f"one of {', '.join(DTYPES)} (default fp32)")
@@ -45,7 +44,8 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     from pvt_fast.hosts.zoo import is_host_name
-    from pvt_fast.profiler import ProfileArgumentError, profile_model
+    from pvt_fast.profile_setup import ProfileArgumentError
+    from pvt_fast.profiler import profile_model
 
     host = is_host_name(args.model)
     compare = None if args.compare == "none" else args.compare or ("plain" if host else "reference")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pvt_fast.models.base import PyramidBase
+from pvt_fast.ops.reduce_kv import POOL_SIZE
 
 
 @dataclass
@@ -80,7 +81,7 @@ def stage_flops(model, image_size, batch=1, pyramid=False):
         for blk in getattr(model, f"block{i + 1}"):
             attn, mlp = blk.attn, blk.mlp
             if attn.linear:
-                keys = 7 * 7
+                keys = POOL_SIZE * POOL_SIZE  # v2-li pools every grid to a fixed square
                 reduce = 2 * B * keys * C * C
             elif attn.sr_ratio > 1:
                 sr = attn.sr_ratio

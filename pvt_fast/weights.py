@@ -126,6 +126,9 @@ class LoadReport(NamedTuple):
     missing, unexpected, mismatched: what did not fit (only non-empty with ``strict=False``); mismatched
                 entries are ``(key, checkpoint shape, model shape)``, the checkpoint's "shape" being the
                 type name (``"int"``) for an entry that is not a tensor.
+
+    Its repr counts each list (b0 alone has 178 keys); the fields hold the lists and
+    :meth:`details` writes them all out.
     """
     format: str
     loaded: tuple
@@ -134,6 +137,20 @@ class LoadReport(NamedTuple):
     missing: tuple = ()
     unexpected: tuple = ()
     mismatched: tuple = ()
+
+    def __repr__(self):
+        counts = ", ".join(f"{name}={len(getattr(self, name))}" for name in self._fields[1:])
+        return f"LoadReport(format={self.format!r}, {counts})"
+
+    def details(self):
+        """Every list in full, one entry a line."""
+        return "\n".join([f"{self.format} checkpoint:",
+                          *_listing("loaded", self.loaded),
+                          *_listing("resized", [f"{k}: grid {old} -> {new}" for k, old, new in self.resized]),
+                          *_listing("eps changed", [f"{name}: {old} -> {new}" for name, old, new in self.eps]),
+                          *_listing("missing from the checkpoint", self.missing),
+                          *_listing("unexpected in the checkpoint", self.unexpected),
+                          *_listing("shape mismatch", _mismatch_lines(self.mismatched))])
 
 
 def detect_format(state_dict):
@@ -331,18 +348,25 @@ def _described(value):
     return f"({shape}, not a tensor)" if isinstance(shape, str) else str(shape)
 
 
-def _mismatch_message(source, fmt, model, missing, unexpected, mismatched, shapes, state_dict):
-    def block(title, lines):
-        if not lines:
-            return []
-        shown = lines[:_SHOWN_PER_LIST]
-        more = [f"    ... and {len(lines) - len(shown)} more"] if len(lines) > len(shown) else []
-        return [f"  {title} ({len(lines)}):", *(f"    {line}" for line in shown), *more]
+def _listing(title, lines, shown=None):
+    """``title (count):`` and the first ``shown`` lines (all when None), indented; nothing for no lines."""
+    if not lines:
+        return []
+    head = list(lines[:shown])
+    more = [f"    ... and {len(lines) - len(head)} more"] if len(lines) > len(head) else []
+    return [f"  {title} ({len(lines)}):", *(f"    {line}" for line in head), *more]
 
+
+def _mismatch_lines(mismatched):
+    return [f"{key}: checkpoint {checkpoint}, model {model}" for key, checkpoint, model in mismatched]
+
+
+def _mismatch_message(source, fmt, model, missing, unexpected, mismatched, shapes, state_dict):
     lines = [f"checkpoint {source} ({fmt} format) does not fit {type(model).__name__}:",
-             *block("missing from the checkpoint", [f"{k} {shapes[k]}" for k in missing]),
-             *block("unexpected in the checkpoint", [f"{k} {_described(state_dict[k])}" for k in unexpected]),
-             *block("shape mismatch", [f"{k}: checkpoint {c}, model {m}" for k, c, m in mismatched])]
+             *_listing("missing from the checkpoint", [f"{k} {shapes[k]}" for k in missing], _SHOWN_PER_LIST),
+             *_listing("unexpected in the checkpoint", [f"{k} {_described(state_dict[k])}" for k in unexpected],
+                       _SHOWN_PER_LIST),
+             *_listing("shape mismatch", _mismatch_lines(mismatched), _SHOWN_PER_LIST)]
     if any(k.startswith("pos_embed") for k, _, _ in mismatched):
         lines.append("  (position embeddings are resized only from a square grid: sqrt of the token count)")
     lines.append("pass strict=False to load only the keys that fit")

@@ -1,5 +1,5 @@
 """The benchmark suite's contract with the tools that read its records: group names, impl names, extra_info
-keys, machine_info, and out-of-memory cases skipped (with the bytes) before they run."""
+keys, machine_info, and out-of-memory cases skipped (with the MiB and the cap) before they run."""
 import json
 import os
 import subprocess
@@ -22,7 +22,7 @@ GROUPS = {  # group -> (its test function, its impls)
 
 
 def _pytest(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PVT_FAST_CPU_CAP_MIB": "2048"}  # the default cap
     return subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-p", "no:cacheprovider", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -44,7 +44,8 @@ def test_records_carry_what_the_tooling_reads(tmp_path):
                   "-k", "sra_attention and (sdpa-224 or plain-512) or patch_embed and torch-1-224 "
                         "or mlp_dwconv and torch-224 or model_forward and pvt_fast-224")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "plain at 512x512, batch 1 would need 2185232384 bytes" in run.stdout, run.stdout[-2000:]
+    assert ("plain at 512x512, batch 1 needs 2084 MiB, over the CPU cap of 2048 MiB (set PVT_FAST_CPU_CAP_MIB=<MiB> "
+            "to raise it)") in run.stdout, run.stdout[-2000:]
     data = json.loads(record.read_text())
     assert data["machine_info"]["gpu"] is None and data["machine_info"]["torch"] == torch.__version__
     assert {"cuda", "triton"} <= set(data["machine_info"])

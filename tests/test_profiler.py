@@ -1,5 +1,8 @@
 """The profiler (``python -m pvt_fast profile``) and the analytic FLOP counts of :mod:`pvt_fast.flops`."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import pvt_fast
 from pvt_fast.__main__ import main
 from pvt_fast.flops import head_flops, model_flops, stage_flops
-from pvt_fast.profiler import (peak_memory_bytes, plain_attention_bytes, profile_model, stage_hooks,
+from pvt_fast.profile_report import memory_time_figure
+from pvt_fast.profile_setup import CPU_CAP_ENV
+from pvt_fast.profiler import (over_budget, peak_memory_bytes, plain_attention_bytes, profile_model, stage_hooks,
                                stage_modules)
 
 # The papers' "GFLOPs" at 224x224, which are multiply-adds (PVT v1 Table 1/2, PVT v2 Table 1/2).
@@ -97,6 +102,18 @@ def test_plain_attention_analytic_bytes_match_the_measured_peak():
     assert 0.9 < peak / analytic < 1.1, f"measured {peak}, analytic {analytic}"
 
 
+def test_over_the_cpu_cap_says_what_the_cap_is_and_how_to_raise_it(monkeypatch):
+    monkeypatch.delenv(CPU_CAP_ENV, raising=False)
+    plain_512 = plain_attention_bytes(128 * 128, 32, 1, 1, 4)  # pvt_v2_b0's stage 1 at 512x512: 2050 MiB
+    assert over_budget(plain_512, "cpu", cpu_cap=True) == (
+        f"needs 2050 MiB, over the CPU cap of 2048 MiB (set {CPU_CAP_ENV}=<MiB> to raise it)")
+    assert over_budget(plain_512, "cpu") is None, "without cpu_cap only the memory available limits"
+    monkeypatch.setenv(CPU_CAP_ENV, "1024")
+    assert over_budget(2**30, "cpu", cpu_cap=True) is None
+    assert over_budget(2**30 + 1, "cpu", cpu_cap=True).startswith("needs 1025 MiB, over the CPU cap of 1024 MiB")
+    assert over_budget(2**60, "cpu").startswith("needs 1099511627776 MiB, over 80% of the ")
+
+
 def test_stage_hooks_bracket_every_stage_in_order():
     model = pvt_fast.create_model("pvt_tiny", backend="sdpa").eval()
     assert len(stage_modules(model)) == 4
@@ -146,6 +163,10 @@ def test_profile_writes_its_files_and_consistent_numbers(tmp_path):
         assert 0.9 < plain["peak_mem_bytes"] / saved["plain_analytic_bytes"]["96"] < 1.1
     assert saved["max_relative_difference"] < OUTPUT_RTOL[torch.device(saved["device"]).type]
 
+    memory_axis, time_axis = memory_time_figure(saved).axes
+    assert memory_axis.get_xlim()[1] >= 4096, "plain attention's analytic bytes run on to 4096"
+    assert list(time_axis.get_xticks()) == [64, 96] and time_axis.get_xlim()[1] < 100, "time: measured sizes only"
+
     trace = json.loads((tmp_path / "trace.json").read_text())
     ranges = {e["name"] for e in trace["traceEvents"] if e.get("cat") == "user_annotation"}
     assert {f"pvt_fast.stage{i}" for i in range(1, 5)} <= ranges
@@ -154,15 +175,25 @@ def test_profile_writes_its_files_and_consistent_numbers(tmp_path):
     assert report["files"][0] == str(tmp_path / "report.md")
 
 
-def test_cli_prints_where_the_files_are(tmp_path, capsys):
+def test_cli_prints_where_the_files_are_and_nothing_else(tmp_path):
+    """A fresh process (kineto reads its log level once, at a process's first profile)."""
     out = tmp_path / "out"
-    assert main(["profile", "--model", "pvt_v2_b0", "--size", "64", "--compare", "none", "--out", str(out)]) == 0
-    printed = capsys.readouterr()
-    assert f"wrote 4 files to {out}" in printed.out and str(out / "report.md") in printed.out
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-m", "pvt_fast", "profile", "--model", "pvt_v2_b0", "--size", "64",
+                          "--compare", "none", "--out", str(out)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert f"wrote 4 files to {out}" in run.stdout and str(out / "report.md") in run.stdout
     backend = pvt_fast.resolve_backend("auto")
-    assert f"[1/4] pvt_fast ({backend}) at 32x32" in printed.err  # progress
+    progress = [f"[{i}/4] " for i in range(1, 5)]
+    assert run.stderr.startswith(f"[1/4] pvt_fast ({backend}) at 32x32 ..."), run.stderr
+    if not torch.cuda.is_available():  # no kineto GPU probe errors or USDT lines: only the progress lines
+        others = [line for line in run.stderr.splitlines()
+                  if not line.startswith(tuple(progress)) and not line.startswith("    ")]
+        assert others == [], run.stderr
     report = json.loads((out / "report.json").read_text())
     assert list(report["backends"]) == [backend] and report["sweep"] == [32, 64]
+    assert report["files"] == [str(out / name) for name in ("report.md", "report.json", "memory_time.png",
+                                                             "trace.json")]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -192,10 +223,15 @@ def test_an_unwritable_out_folder_is_an_error(tmp_path, capsys):
     assert f"out must be a folder that can be written, got '{blocker / 'x'}'" in capsys.readouterr().err
 
 
-def test_a_bad_backend_environment_variable_is_an_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PVT_FAST_BACKEND", "bogus")
+@pytest.mark.parametrize("variable,value,message", [
+    ("PVT_FAST_BACKEND", "bogus", "PVT_FAST_BACKEND must be one of"),
+    (CPU_CAP_ENV, "lots", f"{CPU_CAP_ENV} must be a positive number of MiB, got 'lots'"),
+    (CPU_CAP_ENV, "-1", f"{CPU_CAP_ENV} must be a positive number of MiB, got '-1'"),
+])
+def test_a_bad_environment_variable_is_an_error(tmp_path, capsys, monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
     assert main(["profile", "--model", "pvt_v2_b0", "--size", "64", "--out", str(tmp_path)]) == 2
-    assert "PVT_FAST_BACKEND must be one of" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -18,9 +18,9 @@ from transformers import (PvtConfig, PvtForImageClassification, PvtV2Config, Pvt
 import pvt_fast
 from pvt_fast import weights
 from pvt_fast.models import CONFIGS, PyramidVisionTransformer
-from helpers import assert_close_rel
+from helpers import assert_close
 
-TOL = 1e-5  # relative; timm and Hugging Face compute the same math in another order
+TOL = 1e-5  # of the output's largest magnitude; timm and Hugging Face compute the same math in another order
 BACKENDS = ["reference", "sdpa"]
 NUM_CLASSES = 10
 
@@ -83,7 +83,7 @@ def test_timm_checkpoint_matches_timm(timm_models, tmp_path, name, suffix, backe
     assert report.eps == report.resized == report.missing == report.unexpected == report.mismatched == ()
     x = image(97, 131)
     with torch.no_grad():
-        assert_close_rel(model(x), reference(x), TOL, f"{name} {backend} vs timm")
+        assert_close(model(x), reference(x), atol_of_max=TOL, what=f"{name} {backend} vs timm")
 
 
 @pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "sdpa"])
@@ -93,7 +93,7 @@ def test_timm_checkpoint_matches_timm_at_1024(timm_models, tmp_path, backend):
     pvt_fast.load_pretrained(model, save(reference.state_dict(), tmp_path / "b0.safetensors"))
     x = image(1024, 1024)
     with torch.no_grad():
-        assert_close_rel(model(x), reference(x), TOL, f"pvt_v2_b0 {backend} vs timm at 1024x1024")
+        assert_close(model(x), reference(x), atol_of_max=TOL, what=f"pvt_v2_b0 {backend} vs timm at 1024x1024")
 
 
 @pytest.mark.parametrize("name,size,backend", [
@@ -111,7 +111,7 @@ def test_convert_to_timm_runs_in_timm(timm_models, name, size, backend):
     reference.load_state_dict(converted, strict=True)
     x = image(*size)
     with torch.no_grad():
-        assert_close_rel(reference(x), model(x), TOL, f"timm {name} from convert_to_timm at {size}")
+        assert_close(reference(x), model(x), atol_of_max=TOL, what=f"timm {name} from convert_to_timm at {size}")
 
 
 # --- Hugging Face ------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_hf_pvt_tiny_matches_hf(tmp_path):
                            **{f"block{i}.{j}.attn.norm": (1e-5, 1e-6) for i in range(1, 4) for j in range(2)}}
         assert model.patch_embed1.norm.eps == model.block2[1].attn.norm.eps == 1e-6
         with torch.no_grad():
-            assert_close_rel(model(x), expected, TOL, f"pvt_tiny {backend} vs Hugging Face")
+            assert_close(model(x), expected, atol_of_max=TOL, what=f"pvt_tiny {backend} vs Hugging Face")
     for name, old, _ in report.eps:
         model.get_submodule(name).eps = old
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_hf_pvt_eps_from_config_json(tmp_path):
                                                    "block4.0.norm1", "block4.0.norm2", "norm"}
     x = image(96, 96)
     with torch.no_grad():
-        assert_close_rel(model(x), reference(x).logits, TOL, "small v1 vs Hugging Face (eps 1e-5)")
+        assert_close(model(x), reference(x).logits, atol_of_max=TOL, what="small v1 vs Hugging Face (eps 1e-5)")
 
 
 @pytest.mark.parametrize("linear", [False, True])
@@ -187,7 +187,8 @@ def test_hf_pvt_v2_b0_matches_hf(tmp_path, linear):
             | {f"block{i}.{j}.attn.norm" for i in range(1, 5 if linear else 4) for j in range(2)})
         with torch.no_grad():
             for x, y in zip(images, expected):
-                assert_close_rel(model(x), y, TOL, f"pvt_v2_b0 {backend} vs Hugging Face at {tuple(x.shape[2:])}")
+                assert_close(model(x), y, atol_of_max=TOL,
+                             what=f"pvt_v2_b0 {backend} vs Hugging Face at {tuple(x.shape[2:])}")
 
 
 def test_hf_bare_pvt_v2_model(tmp_path):
@@ -197,7 +198,7 @@ def test_hf_bare_pvt_v2_model(tmp_path):
     x = image(64, 96)
     with torch.no_grad():
         expected = reference(x).last_hidden_state.mean(dim=(2, 3))
-        assert_close_rel(model.forward_features(x), expected, TOL, "bare PvtV2Model features")
+        assert_close(model.forward_features(x), expected, atol_of_max=TOL, what="bare PvtV2Model features")
 
 
 @pytest.mark.parametrize("then", ["official", "timm"])
@@ -215,7 +216,7 @@ def test_official_or_timm_load_after_hf_restores_the_construction_eps(then):
     assert report.eps == tuple((name, new, old) for name, old, new in hf_report.eps)
     x = image(97, 131)
     with torch.no_grad():
-        assert_close_rel(model(x), source(x), 1e-6, f"{then} after Hugging Face vs the {then} model")
+        assert_close(model(x), source(x), atol_of_max=1e-6, what=f"{then} after Hugging Face vs the {then} model")
     assert pvt_fast.load_pretrained(model, checkpoint).eps == (), "a second load has nothing to put back"
 
 
@@ -249,7 +250,7 @@ def test_convert_to_hf_runs_in_hf(version):
             m.eps = 1e-6
     with torch.no_grad():
         logits = reference(x).logits
-        assert_close_rel(logits, model(x), TOL, f"Hugging Face {version} from convert_to_hf")
+        assert_close(logits, model(x), atol_of_max=TOL, what=f"Hugging Face {version} from convert_to_hf")
 
 
 # --- official ----------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def test_v1_pos_embed_resized_on_load(tmp_path, img_size):
         assert torch.equal(getattr(model, f"pos_embed{i + 1}").detach(), torch.cat((cls, expected), dim=1))
     x = image(*((img_size, img_size) if isinstance(img_size, int) else img_size))
     with torch.no_grad():
-        assert_close_rel(model(x), source(x), 1e-6, "resized on load vs resized at run time")
+        assert_close(model(x), source(x), atol_of_max=1e-6, what="resized on load vs resized at run time")
 
 
 # --- wrong files -------------------------------------------------------------------------------------------
@@ -349,6 +350,14 @@ def test_wrong_checkpoint_non_strict_loads_what_fits():
     assert report.mismatched == (("head.weight", (7, 256), (10, 256)),)
     assert torch.equal(model.block1[0].attn.q.weight, checkpoint["block1.0.attn.q.weight"])
     assert "head.weight" not in report.loaded and "head.bias" in report.loaded
+    n = len(model.state_dict()) - 2
+    assert repr(report) == (f"LoadReport(format='official', loaded={n}, resized=0, eps=0, missing=1, "
+                            "unexpected=1, mismatched=1)")
+    details = report.details().splitlines()
+    assert f"  loaded ({n}):" in details and all(f"    {key}" in details for key in report.loaded)
+    assert details[-6:] == ["  missing from the checkpoint (1):", "    block2.1.attn.q.bias",
+                            "  unexpected in the checkpoint (1):", "    block9.0.attn.q.weight",
+                            "  shape mismatch (1):", "    head.weight: checkpoint (7, 256), model (10, 256)"]
 
 
 def test_non_square_pos_embed_is_a_mismatch():

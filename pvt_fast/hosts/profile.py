@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from pvt_fast.hosts.zoo import host_pair
-from pvt_fast.profiler import DTYPES, ProfileArgumentError, _resolve_backend, _resolve_device, synchronize
+from pvt_fast.profile_setup import DTYPES, ProfileArgumentError, concrete_backend, resolve_device
+from pvt_fast.profiler import synchronize
 
 
 def _tensor(out):
@@ -66,8 +67,8 @@ def profile_host(name, size, out_dir, batch=1, dtype="fp32", backend="auto", com
     for arg, value in (("size", size), ("batch", batch), ("repeat", repeat)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ProfileArgumentError(f"{arg} must be a positive integer, got {value!r}")
-    device = _resolve_device(device)
-    backend = _resolve_backend("backend", backend, device)
+    device = resolve_device(device)
+    backend = concrete_backend("backend", backend, device)
     try:
         accelerated, plain = host_pair(name, backend, seed)
     except ValueError as err:

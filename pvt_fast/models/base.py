@@ -1,4 +1,6 @@
 """What PVT v1 and v2 share: input checks, the stage walk, gradient checkpointing, dense features."""
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -10,6 +12,22 @@ DEFAULT_CFG = {
     "num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic",
     "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
 }
+
+
+def _stage_indices(out_indices, num_stages):
+    """``out_indices`` as non-negative stage indices; negative ones count from the last stage, as in Python
+    and timm (``-1`` is the last stage)."""
+    expected = (f"out_indices must be a non-empty sequence of stage indices in [-{num_stages}, {num_stages}) "
+                f"(negative ones count from the last stage), such as (0, 1, 2, 3) or (-1,)")
+    if not isinstance(out_indices, Sequence):
+        raise TypeError(f"{expected}, got {out_indices!r}")
+    given = tuple(out_indices)
+    if not given or not all(isinstance(i, int) and not isinstance(i, bool) for i in given):
+        raise ValueError(f"{expected}, got {given}")
+    bad = [i for i in given if not -num_stages <= i < num_stages]
+    if bad:
+        raise ValueError(f"{expected}, got {given}: {bad} out of range")
+    return tuple(i % num_stages for i in given)
 
 
 class PyramidBase(nn.Module):
@@ -29,12 +47,7 @@ class PyramidBase(nn.Module):
         self.embed_dims = list(embed_dims)
         self.in_chans = in_chans
         self.grad_checkpointing = False
-        if out_indices is not None:
-            out_indices = tuple(out_indices)
-            bad = [i for i in out_indices if not 0 <= i < num_stages]
-            if bad or not out_indices:
-                raise ValueError(f"out_indices must be stage indices in [0, {num_stages}), got {out_indices}")
-        self.out_indices = out_indices
+        self.out_indices = None if out_indices is None else _stage_indices(out_indices, num_stages)
         self.default_cfg = dict(DEFAULT_CFG, num_classes=num_classes)
 
     def _finish_init(self):
