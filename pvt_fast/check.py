@@ -33,7 +33,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAD_FACTOR = 2.0  # the fused error may be at most this times the composite's, plus the dtype's eps
-TIMED_CALLS = 10
+TIMED_CALLS = 5
 STAGE_SHAPES = ((224, 8), (1024, 1))  # (image size, batch) of the pvt_v2_b2 stage cases
 # name -> ((H, W), batch). Every stage of these inputs has at least two keys: with one, softmax is constant and
 # the exact query gradients are zero, so no relative error could be measured.
@@ -64,8 +64,16 @@ class Row:
     error: str = ""  # why the case could not run
 
     @property
+    def problems(self):
+        """Why the row failed (empty when it passed)."""
+        if self.error:
+            return [self.error]
+        found = [] if self.rel_err <= self.tolerance else [f"error {self.rel_err:.2e} > tolerance {self.tolerance:.2e}"]
+        return found + ([] if self.same_twice else ["differs between two runs"])
+
+    @property
     def ok(self):
-        return not self.error and self.rel_err <= self.tolerance and self.same_twice
+        return not self.problems
 
 
 @dataclass
@@ -189,7 +197,7 @@ def _median_ms(call, device, timed):
 
 def _leaves(args, dtype, device):
     """``args`` with every tensor cast to ``dtype`` on ``device`` as a fresh leaf that requires grad."""
-    return {k: v.to(device=device, dtype=dtype).requires_grad_() if isinstance(v, torch.Tensor) else v
+    return {k: v.detach().to(device=device, dtype=dtype).requires_grad_() if isinstance(v, torch.Tensor) else v
             for k, v in args.items()}
 
 
@@ -304,7 +312,8 @@ def _environment(device):
 
     env = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+           "cudnn_deterministic": torch.backends.cudnn.deterministic}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["capability"] = list(torch.cuda.get_device_capability(device))
@@ -318,6 +327,10 @@ def _fmt(value, spec):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _result(row):
+    return "ok" if row.ok else "FAIL: " + "; ".join(row.problems)
+
+
 def format_table(rows):
     header = ("op", "shape", "dtype", "pass", "rel err", "tolerance", "worst", "same twice", "fused ms",
               "composite ms", "result")
@@ -325,7 +338,7 @@ def format_table(rows):
     for r in rows:
         lines.append((r.op, r.shape, r.dtype, r.direction, _fmt(r.rel_err, ".2e"), _fmt(r.tolerance, ".2e"),
                       r.worst, "yes" if r.same_twice else "no", _fmt(r.fused_ms, ".3f"),
-                      _fmt(r.composite_ms, ".3f"), "ok" if r.ok else f"FAIL {r.error}".rstrip()))
+                      _fmt(r.composite_ms, ".3f"), _result(r)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
@@ -340,7 +353,7 @@ def verdict_line(report):
     failures = report.failures
     if report.verdict == "pass":
         return f"verdict: PASS, {len(report.rows)} checks on {where}, {versions}"
-    why = [f"{r.op} {r.shape} {r.dtype} {r.direction}" for r in failures[:5]]
+    why = [f"{r.op} {r.shape} {r.dtype} {r.direction} ({'; '.join(r.problems)})" for r in failures[:5]]
     more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
     stopped = " (interrupted before the end)" if report.interrupted else ""
     return (f"verdict: FAIL{stopped}, {len(failures)} of {len(report.rows)} checks failed on {where}, {versions}: "
@@ -399,7 +412,7 @@ def run_check(device, quick, log=print):
 
 def _progress(row):
     return (f"  {row.op} {row.shape} {row.dtype} {row.direction}: "
-            + ("ok" if row.ok else f"FAIL {row.error}".rstrip()) + f" (rel err {_fmt(row.rel_err, '.2e')})")
+            + _result(row) + f" (rel err {_fmt(row.rel_err, '.2e')})")
 
 
 def _finite_or_text(value):
@@ -407,7 +420,8 @@ def _finite_or_text(value):
 
 
 def to_json(report):
-    rows = [{**{k: _finite_or_text(v) for k, v in asdict(r).items()}, "ok": r.ok} for r in report.rows]
+    rows = [{**{k: _finite_or_text(v) for k, v in asdict(r).items()}, "ok": r.ok, "problems": r.problems}
+            for r in report.rows]
     return {"verdict": report.verdict, "device": report.device, **report.environment, "quick": report.quick,
             "interrupted": report.interrupted, "notes": report.notes, "rows": rows}
 
