@@ -10,14 +10,14 @@ The rule (flash-attention's): a float64 run of the composite is the reference; t
 ``max|y - ref| / max|ref|`` may be at most twice the composite's own error in the same dtype plus one unit of
 the dtype's rounding (``torch.finfo(dtype).eps``). A backward row holds the largest error over all gradients
 (the row names that gradient) to twice the composite's largest: per tensor, with a hundred parameter
-gradients in a model, the ratio of two rounding errors would exceed 2 by chance alone. Each fused case runs twice and must give bitwise-equal outputs and gradients. Times are
-medians of CUDA-synchronized calls (forward rows: the forward; backward rows: forward + backward).
+gradients in a model, the ratio of two rounding errors would exceed 2 by chance alone. Each fused case runs
+twice and must give bitwise-equal outputs and gradients. Times are medians of CUDA-synchronized calls
+(forward rows: the forward; backward rows: forward + backward).
 
 Without CUDA the check cannot run (exit 2), except ``--quick`` under ``TRITON_INTERPRET=1``, which runs the
 Triton kernels on the CPU: ops in fp32 and fp16 (the interpreter's bf16 products are not meaningful), the
 model in fp32 (the interpreter is slow), no patch embedding (no CPU kernel to check) and no times (they would
-time the interpreter).
-Exit status: 0 every check passed, 1 a check failed, 2 the check could not run.
+time the interpreter). Exit status: 0 every check passed, 1 a check failed, 2 the check could not run.
 """
 import contextlib
 import copy
