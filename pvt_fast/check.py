@@ -1,8 +1,8 @@
 """``python -m pvt_fast check``: every fused op against its PyTorch composite on this machine's GPU.
 
 The ``fused`` op table (patch_embed, reduce_kv, reduce_kv_linear, attention, dwconv_gelu) runs forward and
-backward on tiny odd shapes and on every pvt_v2_b2 stage at 224x224 batch 8 and 1024x1024 batch 1 (the
-v2-li reduction at the same stages), in fp32, fp16 and bf16; then whole models (pvt_v2_b0, pvt_tiny,
+backward on tiny odd shapes and on every op call of pvt_v2_b2 and pvt_v2_b2_li (linear reduction, ReLU before
+the depthwise conv) at 224x224 batch 8 and 1024x1024 batch 1, in fp32, fp16 and bf16; then whole models (pvt_v2_b0, pvt_tiny,
 pvt_v2_b2_li) run on the ``fused`` backend against the ``sdpa`` one (fp32, and fp16 / bf16 under autocast).
 ``--quick`` keeps the tiny shapes and pvt_v2_b0.
 
@@ -101,11 +101,14 @@ def _randn(gen, *shape, scale=1.0):
     return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
 
 
+LN_EPS = 1e-5  # the models' LayerNorm eps in the patch embeddings and the K/V reductions
+
+
 def _patch_embed_case(gen, label, B, cin, cout, H, W, k, stride, layout):
     x = _randn(gen, B, cin, H, W) if layout == "nchw" else _randn(gen, B, H, W, cin)
     return Case("patch_embed", label, dict(
         x=x, weight=_randn(gen, cout, cin, k, k, scale=(cin * k * k) ** -0.5), bias=_randn(gen, cout, scale=0.1),
-        norm_weight=1 + _randn(gen, cout, scale=0.1), norm_bias=_randn(gen, cout, scale=0.1), eps=1e-6,
+        norm_weight=1 + _randn(gen, cout, scale=0.1), norm_bias=_randn(gen, cout, scale=0.1), eps=LN_EPS,
         stride=stride, padding=k // 2, layout=layout))
 
 
@@ -114,7 +117,7 @@ def _reduce_case(gen, label, B, H, W, C, sr, linear):
     return Case("reduce_kv_linear" if linear else "reduce_kv", label, dict(
         x=_randn(gen, B, H * W, C), H=H, W=W, sr_weight=_randn(gen, C, C, k, k, scale=(C * k * k) ** -0.5),
         sr_bias=_randn(gen, C, scale=0.1), norm_weight=1 + _randn(gen, C, scale=0.1),
-        norm_bias=_randn(gen, C, scale=0.1), eps=1e-6))
+        norm_bias=_randn(gen, C, scale=0.1), eps=LN_EPS))
 
 
 def _attention_case(gen, label, B, N, M, heads, d):
@@ -145,7 +148,8 @@ def tiny_cases():
 
 
 def stage_cases(name="pvt_v2_b2", shapes=STAGE_SHAPES):
-    """Every op at every stage of ``name`` (and of its v2-li reduction), for each (image size, batch)."""
+    """Every op call of ``name`` and of its v2-li variant (same stages: linear reduction, ReLU before the
+    depthwise conv), for each (image size, batch)."""
     from pvt_fast.models import CONFIGS
     from pvt_fast.ops.patch_embed import output_size
 
@@ -169,6 +173,7 @@ def stage_cases(name="pvt_v2_b2", shapes=STAGE_SHAPES):
             cases.append(_attention_case(gen, f"{label} N{H * W} M{M} h{heads}", B, H * W, M, heads, C // heads))
             hidden = C * cfg["mlp_ratios"][i]
             cases.append(_dwconv_case(gen, f"{label} {H}x{W} C{hidden}", B, H, W, hidden, relu=False))
+            cases.append(_dwconv_case(gen, f"{label} {H}x{W} C{hidden} relu (li)", B, H, W, hidden, relu=True))
             cin = C
     return cases
 

@@ -35,6 +35,29 @@ def test_quick_check_passes(kernel_device, tmp_path, capsys):
         assert all(r["same_twice"] and r["rel_err"] <= r["tolerance"] for r in rows), rows
 
 
+def signature(op, args):
+    return op, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_stage_cases_are_the_op_calls_of_pvt_v2_b2_and_its_li_variant(monkeypatch):
+    """Every op call (shapes and non-tensor arguments) of pvt_v2_b2 and pvt_v2_b2_li at 224x224, batch 8, is a
+    stage case and nothing else is (models run on the meta device, calls recorded from the sdpa table)."""
+    import pvt_fast
+    from pvt_fast.ops import eager
+
+    calls = set()
+    for op in ("patch_embed", "reduce_kv", "reduce_kv_linear", "attention", "dwconv_gelu"):
+        def record(*args, _op=op, _fn=getattr(eager, f"{op}_sdpa")):
+            calls.add(signature(_op, args))
+            return _fn(*args)
+        monkeypatch.setattr(eager, f"{op}_sdpa", record)
+    with torch.device("meta"):
+        for name in ("pvt_v2_b2", "pvt_v2_b2_li"):
+            pvt_fast.create_model(name, backend="sdpa")(torch.empty(8, 3, 224, 224))
+    cases = {signature(c.op, c.args.values()) for c in check.stage_cases(shapes=((224, 8),))}
+    assert cases == calls, f"only in the model: {calls - cases}; only in the cases: {cases - calls}"
+
+
 def only_dwconv(monkeypatch):
     """The quick check reduced to its dwconv_gelu cases (the faults below are injected there)."""
     cases = [c for c in check.tiny_cases() if c.op == "dwconv_gelu"]
