@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from pvt_fast.profiler import synchronize
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAD_FACTOR = 2.0  # the fused error may be at most this times the composite's, plus the dtype's eps
 TIMED_CALLS = 5
@@ -181,21 +183,16 @@ def stage_cases(name="pvt_v2_b2", shapes=STAGE_SHAPES):
 # running and measuring ---------------------------------------------------------------------------------------
 
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_ms(call, device, timed):
     """Median milliseconds of ``call`` over TIMED_CALLS synchronized calls; None when not ``timed``."""
     if not timed:
         return None
     times = []
     for _ in range(TIMED_CALLS):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         call()
-        _synchronize(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
