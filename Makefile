@@ -1,5 +1,6 @@
 # make demo : high-resolution profile of pvt_fast against the official (reference) model
 # make test : the whole test suite (CPU: Triton kernels under TRITON_INTERPRET=1, AOT GPU compiles, host tests)
+# make test-oldest : the AOT report and the kernel tests again under the oldest supported torch + triton
 # Each target sets up .venv with everything it needs on a fresh machine with python3.
 
 PYTHON ?= python3
@@ -15,7 +16,13 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: install demo test test-fast test-full bench clean
+# The oldest supported torch and its triton (what the lent GPU machines run), in a second venv with only
+# what the Triton kernels need: the AOT report and the kernels' interpreter tests run there.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PINS ?= torch==2.11.0 triton==3.6.0
+OLDEST_TESTS ?= tests/test_sra_attention.py tests/test_reduce_kv.py tests/test_mlp_dwconv.py
+
+.PHONY: install demo test test-oldest test-fast test-full bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +49,25 @@ test: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -rs -m "not aot" -p no:cacheprovider
 	$(BIN)/python -m pytest -q -rs -m aot -p no:cacheprovider
 	$(BIN)/python -m pytest -q -rs benchmarks/ --benchmark-disable -m "not compiled" -p no:cacheprovider
+
+$(OLDEST_VENV)/.deps: requirements-dev.txt
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q $(OLDEST_PINS) wheel $(shell grep -E '^(numpy|pytest)==' requirements-dev.txt)
+	touch $@
+
+# No CUDA extension here: it is built for the newest torch (make install) and has no Triton kernel.
+$(OLDEST_VENV)/.installed: $(OLDEST_VENV)/.deps setup.py pyproject.toml
+	PVT_FAST_BUILD_CUDA=0 $(OLDEST_VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Both parts run even when the first fails; the target fails if either does.
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+	status=0; \
+	$(OLDEST_VENV)/bin/python -m pvt_fast.kernels.report || status=1; \
+	TRITON_INTERPRET=1 $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS) || status=1; \
+	exit $$status
 
 test-full: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not aot" --runslow

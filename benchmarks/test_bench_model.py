@@ -3,7 +3,8 @@ backward, SGD step) of pvt_v2_b2, every implementation with the same weights:
 
 - ``official-eager``: pvt_fast's ``reference`` backend (the official forward, op for op);
 - ``timm`` / ``timm-compiled``: timm's pvt_v2_b2, weights mapped with ``checkpoint_filter_fn``;
-- ``pvt_fast`` / ``pvt_fast-compiled``: pvt_fast's default backend (``auto``: fused on CUDA, sdpa on CPU).
+- ``pvt_fast`` / ``pvt_fast-compiled``: pvt_fast's default backend (``auto``: sdpa, or fused on a GPU verified
+  for it; ``gpu_run.sh`` sets ``PVT_FAST_BACKEND=fused`` so that GPU records time the fused kernels).
 
 ``*-compiled`` run ``torch.compile(model)`` and carry the ``compiled`` marker (CI skips them); they run at
 fewer sizes, since each size compiles anew.

@@ -1,6 +1,10 @@
-"""Command line: ``python -m pvt_fast profile --model pvt_v2_b2 --size 2048 --out DIR`` (also ``pvt-fast``)."""
+"""Command line: ``python -m pvt_fast profile ...`` and ``python -m pvt_fast check`` (also ``pvt-fast``)."""
 import argparse
+import os
 import sys
+
+DESCRIPTION = ("pvt_fast: profile a model per stage, or check the fused kernels against PyTorch on this GPU. "
+               "Run 'COMMAND --help' for each command's options.")
 
 
 def _sizes(text):
@@ -15,7 +19,7 @@ def _parser():
     from pvt_fast.hosts.zoo import NAMES
     from pvt_fast.profile_setup import DTYPES, model_names
 
-    parser = argparse.ArgumentParser(prog="python -m pvt_fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog=_prog(), description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "profile", help="per-stage time, peak memory and FLOPs of a model at one resolution",
@@ -38,11 +42,33 @@ def _parser():
     p.add_argument("--repeat", type=int, default=None,
                    help="timed runs per point (default 10 on CUDA; on CPU 2 at --size, 1 elsewhere)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the report, trace and plot")
+    c = commands.add_parser(
+        "check", help="run every fused op and model against its PyTorch composite on this CUDA device",
+        description="Run every fused op (patch_embed, reduce_kv, reduce_kv_linear, attention, dwconv_gelu) "
+                    "forward and backward, twice, against the sdpa composite on tiny odd shapes and every op "
+                    "call of pvt_v2_b2 and pvt_v2_b2_li (224x224 batch 8, 1024x1024 batch 1) in fp32, fp16 and "
+                    "bf16, then whole "
+                    "models (pvt_v2_b0, pvt_tiny, pvt_v2_b2_li) fused vs sdpa. The error against a float64 "
+                    "reference may be at most twice the composite's own plus the dtype's eps; runs must be "
+                    "bitwise equal. Exit status 0: all passed, 1: a check failed, 2: no CUDA device (on the CPU "
+                    "only --quick runs, under TRITON_INTERPRET=1).")
+    c.add_argument("--quick", action="store_true", help="tiny shapes and pvt_v2_b0 only")
+    c.add_argument("--json", metavar="PATH", default=None, help="also write every row and the verdict to PATH")
     return parser
+
+
+def _prog():
+    """The name the user typed: the console script's, or the module form."""
+    name = os.path.basename(sys.argv[0])
+    return name if name.startswith("pvt-fast") else "python -m pvt_fast"
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if args.command == "check":
+        from pvt_fast import check
+
+        return check.main(args)
     from pvt_fast.hosts.zoo import is_host_name
     from pvt_fast.profile_setup import ProfileArgumentError
     from pvt_fast.profiler import profile_model
