@@ -17,6 +17,7 @@ GROUPS = {  # group -> (its test function, its impls)
     "mlp-dwconv": ("test_mlp_dwconv", {"torch", "fused"}),
     "model-forward": ("test_model_forward", MODEL_IMPLS),
     "model-train-step": ("test_model_train_step", MODEL_IMPLS),
+    "onnxruntime": ("test_onnxruntime", {"pytorch", "onnxruntime"}),
 }
 
 

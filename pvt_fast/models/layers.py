@@ -106,13 +106,13 @@ class Attention(nn.Module):
             self._reduce = None
 
     def forward(self, x, H, W):
-        q = self.q(x)
+        q = self._ops.linear(x, self.q.weight, self.q.bias)
         if self._reduce is not None:
             x = self._reduce(x, H, W, self.sr.weight, self.sr.bias, self.norm.weight, self.norm.bias, self.norm.eps)
-        kv = self.kv(x)
+        kv = self._ops.linear(x, self.kv.weight, self.kv.bias)
         dropout_p = self.attn_drop.p if self.training else 0.0
         x = self._ops.attention(q, kv, self.num_heads, self.scale, dropout_p)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self._ops.linear(x, self.proj.weight, self.proj.bias))
 
 
 class DWConv(nn.Module):
@@ -141,14 +141,14 @@ class Mlp(nn.Module):
         self._ops = ops
 
     def forward(self, x, H, W):
-        x = self.fc1(x)
+        x = self._ops.linear(x, self.fc1.weight, self.fc1.bias)
         if self._has_dwconv:
             conv = self.dwconv.dwconv
             x = self._ops.dwconv_gelu(x, H, W, conv.weight, conv.bias, self.linear)
         else:
             x = self.act(x)
         x = self.drop(x)
-        return self.drop(self.fc2(x))
+        return self.drop(self._ops.linear(x, self.fc2.weight, self.fc2.bias))
 
 
 class Block(nn.Module):

@@ -17,6 +17,13 @@ Signatures (shared with the fused ops):
   ``(B, M, 2C)`` with K in the first C columns, heads ``d = C // num_heads`` columns wide.
 - ``dwconv_gelu(x, H, W, weight, bias, relu_prologue)`` -> ``(B, N, hidden)``: GELU(dwconv3x3(x)), with
   a ReLU applied to ``x`` first when ``relu_prologue``.
+- ``linear(x, weight, bias)`` -> ``x @ weight^T + bias`` (the q, kv, proj, fc1 and fc2 Linears).
+
+CPU inference (``sdpa``): where nothing needs gradients, autocast is off, nothing is being compiled or exported
+and the tensors are fp32 on the CPU, the Linears and the depthwise conv + GELU run as oneDNN primitives
+(``torch.ops.mkldnn``, which inductor uses too) with the bias and the GELU applied in the primitive's epilogue:
+PyTorch's ``addmm`` first copies the broadcast bias into the output and GELU is a separate pass over the
+widest activation. Same math, summed in another order (relative difference ~1e-7).
 """
 import torch
 import torch.nn.functional as F
@@ -144,5 +151,31 @@ def attention_sdpa(q, kv, num_heads, scale, dropout_p=0.0):
 def dwconv_gelu_sdpa(x, H, W, weight, bias, relu_prologue):
     if relu_prologue:
         x = F.relu(x)
-    y = F.conv2d(grid_view(x, H, W), weight, bias, padding=1, groups=x.shape[-1])
+    C = x.shape[-1]
+    if _onednn_inference(x, weight, bias):
+        return tokens(torch.ops.mkldnn._convolution_pointwise(grid_view(x, H, W), weight, bias, [1, 1], [1, 1],
+                                                               [1, 1], C, "gelu", [], "none"))
+    y = F.conv2d(grid_view(x, H, W), weight, bias, padding=1, groups=C)
     return F.gelu(tokens(y))
+
+
+def linear_reference(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def linear_sdpa(x, weight, bias):
+    if _onednn_inference(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _onednn_inference(*tensors):
+    """Whether the oneDNN inference primitives may compute an op on ``tensors`` (see the module docstring):
+    they have no autograd, no autocast rule and no export or compile path."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.is_autocast_enabled("cpu"):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and not (grad and t.requires_grad))
+               for t in tensors)

@@ -32,4 +32,5 @@ def fused_table():
         reduce_kv_linear=_composite_while_exporting(reduce_kv.reduce_kv_linear, eager.reduce_kv_linear_sdpa),
         attention=_composite_while_exporting(sra_attention.attention, eager.attention_sdpa),
         dwconv_gelu=_composite_while_exporting(mlp_dwconv.dwconv_gelu, eager.dwconv_gelu_sdpa),
+        linear=eager.linear_sdpa,
     )
