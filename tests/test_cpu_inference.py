@@ -16,15 +16,19 @@ def _ops_run(fn):
     return {e.name for e in prof.events()}
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("shape, out, bias", [((2, 37, 24), 40, True), ((1, 5, 64), 7, False), ((3, 1, 9), 128, True)])
-def test_linear_matches_float64(shape, out, bias):
+def test_linear_matches_float64(shape, out, bias, residual):
     x = torch.randn(*shape)
     w = torch.randn(out, shape[-1]) / shape[-1] ** 0.5
     b = torch.randn(out) if bias else None
+    shortcut = torch.randn(*shape[:-1], out) if residual else None
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if residual:
+        want = want + shortcut.double()
     with torch.inference_mode():
-        got = eager.linear_sdpa(x, w, b)
-        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: eager.linear_sdpa(x, w, b))
+        got = eager.linear_sdpa(x, w, b, shortcut)
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: eager.linear_sdpa(x, w, b, shortcut))
     assert_close_rel(got, want, 1e-6)
 
 

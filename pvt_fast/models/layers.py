@@ -105,14 +105,16 @@ class Attention(nn.Module):
         else:
             self._reduce = None
 
-    def forward(self, x, H, W):
+    def forward(self, x, H, W, shortcut=None):
+        """``shortcut`` (the block's residual, only where dropout is off) is added by proj's epilogue."""
         q = self._ops.linear(x, self.q.weight, self.q.bias)
         if self._reduce is not None:
             x = self._reduce(x, H, W, self.sr.weight, self.sr.bias, self.norm.weight, self.norm.bias, self.norm.eps)
         kv = self._ops.linear(x, self.kv.weight, self.kv.bias)
         dropout_p = self.attn_drop.p if self.training else 0.0
         x = self._ops.attention(q, kv, self.num_heads, self.scale, dropout_p)
-        return self.proj_drop(self._ops.linear(x, self.proj.weight, self.proj.bias))
+        out = self._ops.linear(x, self.proj.weight, self.proj.bias, shortcut)
+        return out if shortcut is not None else self.proj_drop(out)
 
 
 class DWConv(nn.Module):
@@ -140,7 +142,8 @@ class Mlp(nn.Module):
         self._has_dwconv = dwconv
         self._ops = ops
 
-    def forward(self, x, H, W):
+    def forward(self, x, H, W, shortcut=None):
+        """``shortcut`` (the block's residual, only where dropout is off) is added by fc2's epilogue."""
         x = self._ops.linear(x, self.fc1.weight, self.fc1.bias)
         if self._has_dwconv:
             conv = self.dwconv.dwconv
@@ -148,7 +151,8 @@ class Mlp(nn.Module):
         else:
             x = self.act(x)
         x = self.drop(x)
-        return self.drop(self._ops.linear(x, self.fc2.weight, self.fc2.bias))
+        out = self._ops.linear(x, self.fc2.weight, self.fc2.bias, shortcut)
+        return out if shortcut is not None else self.drop(out)
 
 
 class Block(nn.Module):
@@ -161,10 +165,15 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, dwconv, linear, ops)
+        self._stochastic = drop > 0.0 or drop_path > 0.0
 
     def forward(self, x, H, W):
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        if self.training and self._stochastic:
+            x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+            return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        # Dropout and drop path are identities here: each residual add is done by proj's / fc2's op.
+        x = self.attn(self.norm1(x), H, W, shortcut=x)
+        return self.mlp(self.norm2(x), H, W, shortcut=x)
 
 
 def _pair(v):

@@ -17,13 +17,14 @@ Signatures (shared with the fused ops):
   ``(B, M, 2C)`` with K in the first C columns, heads ``d = C // num_heads`` columns wide.
 - ``dwconv_gelu(x, H, W, weight, bias, relu_prologue)`` -> ``(B, N, hidden)``: GELU(dwconv3x3(x)), with
   a ReLU applied to ``x`` first when ``relu_prologue``.
-- ``linear(x, weight, bias)`` -> ``x @ weight^T + bias`` (the q, kv, proj, fc1 and fc2 Linears).
+- ``linear(x, weight, bias, shortcut=None)`` -> ``[shortcut +] x @ weight^T + bias`` (the q, kv, proj, fc1 and
+  fc2 Linears; proj and fc2 take the block's residual as ``shortcut`` where dropout and drop path are off).
 
 CPU inference (``sdpa``): where nothing needs gradients, autocast is off, nothing is being compiled or exported
 and the tensors are fp32 on the CPU, the Linears and the depthwise conv + GELU run as oneDNN primitives
-(``torch.ops.mkldnn``, which inductor uses too) with the bias and the GELU applied in the primitive's epilogue:
-PyTorch's ``addmm`` first copies the broadcast bias into the output and GELU is a separate pass over the
-widest activation. Same math, summed in another order (relative difference ~1e-7).
+(``torch.ops.mkldnn``, which inductor uses too) with the bias, the residual add and the GELU applied in the
+primitive's epilogue: PyTorch's ``addmm`` first copies the broadcast bias into the output, and the residual
+add and GELU are separate passes over the activations. Same math, summed in another order (relative difference ~1e-7).
 """
 import torch
 import torch.nn.functional as F
@@ -159,14 +160,19 @@ def dwconv_gelu_sdpa(x, H, W, weight, bias, relu_prologue):
     return F.gelu(tokens(y))
 
 
-def linear_reference(x, weight, bias):
-    return F.linear(x, weight, bias)
+def linear_reference(x, weight, bias, shortcut=None):
+    y = F.linear(x, weight, bias)
+    return y if shortcut is None else shortcut + y
 
 
-def linear_sdpa(x, weight, bias):
-    if _onednn_inference(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+def linear_sdpa(x, weight, bias, shortcut=None):
+    if shortcut is None:
+        if _onednn_inference(x, weight, bias):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+    if _onednn_inference(x, weight, bias, shortcut):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, shortcut, weight, bias, "add")
+    return shortcut + F.linear(x, weight, bias)
 
 
 def _onednn_inference(*tensors):
