@@ -24,7 +24,8 @@ CPU inference (``sdpa``): where nothing needs gradients, autocast is off, nothin
 and the tensors are fp32 on the CPU, the Linears and the depthwise conv + GELU run as oneDNN primitives
 (``torch.ops.mkldnn``, which inductor uses too) with the bias, the residual add and the GELU applied in the
 primitive's epilogue: PyTorch's ``addmm`` first copies the broadcast bias into the output, and the residual
-add and GELU are separate passes over the activations. Same math, summed in another order (relative difference ~1e-7).
+add and GELU are separate passes over the activations. Same math, summed in another order (relative
+difference ~1e-7).
 """
 import torch
 import torch.nn.functional as F
@@ -166,13 +167,11 @@ def linear_reference(x, weight, bias, shortcut=None):
 
 
 def linear_sdpa(x, weight, bias, shortcut=None):
+    if not _onednn_inference(x, weight, bias, shortcut):
+        return linear_reference(x, weight, bias, shortcut)
     if shortcut is None:
-        if _onednn_inference(x, weight, bias):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return F.linear(x, weight, bias)
-    if _onednn_inference(x, weight, bias, shortcut):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, shortcut, weight, bias, "add")
-    return shortcut + F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, shortcut, weight, bias, "add")
 
 
 def _onednn_inference(*tensors):
