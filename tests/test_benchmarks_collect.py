@@ -18,6 +18,7 @@ GROUPS = {  # group -> (its test function, its impls)
     "model-forward": ("test_model_forward", MODEL_IMPLS),
     "model-train-step": ("test_model_train_step", MODEL_IMPLS),
     "accelerate": ("test_accelerate", {"timm", "timm-accelerated", "hf-segformer", "hf-segformer-accelerated"}),
+    "onnxruntime": ("test_onnxruntime", {"pytorch", "onnxruntime"}),
 }
 
 

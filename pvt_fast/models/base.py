@@ -77,6 +77,9 @@ class PyramidBase(nn.Module):
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 4 and isinstance(x.shape[1], torch.SymInt):
+            raise ValueError(f"x's channel dimension (dim 1) cannot be dynamic: the patch embedding's weights fix it "
+                             f"to {self.in_chans}; export with only the batch, H and W dimensions dynamic")
         if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0:
             raise ValueError(f"x must be (B, {self.in_chans}, H, W) with B >= 1, got {tuple(x.shape)}")
         weight = self.patch_embed1.proj.weight

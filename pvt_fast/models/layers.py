@@ -115,14 +115,16 @@ class Attention(nn.Module):
         else:
             self._reduce = None
 
-    def forward(self, x, H, W):
-        q = self.q(x)
+    def forward(self, x, H, W, shortcut=None):
+        """``shortcut`` (the block's residual, only where dropout is off) is added by proj's epilogue."""
+        q = self._ops.linear(x, self.q.weight, self.q.bias)
         if self._reduce is not None:
             x = self._reduce(x, H, W, self.sr.weight, self.sr.bias, self.norm.weight, self.norm.bias, self.norm.eps)
-        kv = self.kv(x)
+        kv = self._ops.linear(x, self.kv.weight, self.kv.bias)
         dropout_p = self.attn_drop.p if self.training else 0.0
         x = self._ops.attention(q, kv, self.num_heads, self.scale, dropout_p)
-        return self.proj_drop(self.proj(x))
+        out = self._ops.linear(x, self.proj.weight, self.proj.bias, shortcut)
+        return out if shortcut is not None else self.proj_drop(out)
 
 
 class DWConv(nn.Module):
@@ -154,15 +156,17 @@ class Mlp(nn.Module):
         """Compute through the op table ``ops`` from now on (see :meth:`PyramidBase.set_backend`)."""
         self._ops = ops
 
-    def forward(self, x, H, W):
-        x = self.fc1(x)
+    def forward(self, x, H, W, shortcut=None):
+        """``shortcut`` (the block's residual, only where dropout is off) is added by fc2's epilogue."""
+        x = self._ops.linear(x, self.fc1.weight, self.fc1.bias)
         if self._has_dwconv:
             conv = self.dwconv.dwconv
             x = self._ops.dwconv_gelu(x, H, W, conv.weight, conv.bias, self.linear)
         else:
             x = self.act(x)
         x = self.drop(x)
-        return self.drop(self.fc2(x))
+        out = self._ops.linear(x, self.fc2.weight, self.fc2.bias, shortcut)
+        return out if shortcut is not None else self.drop(out)
 
 
 class Block(nn.Module):
@@ -175,10 +179,15 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, dwconv, linear, ops)
+        self._stochastic = drop > 0.0 or drop_path > 0.0
 
     def forward(self, x, H, W):
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        if self.training and self._stochastic:
+            x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+            return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        # Dropout and drop path are identities here: each residual add is done by proj's / fc2's op.
+        x = self.attn(self.norm1(x), H, W, shortcut=x)
+        return self.mlp(self.norm2(x), H, W, shortcut=x)
 
 
 def _pair(v):

@@ -3,9 +3,9 @@
 Difference from the official code, on purpose: the official ``_get_pos_embed`` decides whether to resize
 a position embedding by comparing every stage's token count with stage 1's. That crashes where a later
 stage has stage 1's count (e.g. a 448x448 input) and, where stage 1 itself has that count on another grid
-(112x448), adds the embedding laid out for the wrong grid. Here each stage resizes (bilinear, from its
-construction grid) exactly when its grid differs from that grid, which is what the official code computes
-in every case it gets right.
+(112x448), adds the embedding laid out for the wrong grid. Here each stage resizes its embedding
+(bilinear, from its construction grid) to its own grid, which is what the official code computes in every
+case it gets right (at the construction grid the resize returns the embedding bit for bit).
 """
 from functools import partial
 
@@ -57,7 +57,7 @@ class PyramidVisionTransformer(PyramidBase):
         return {"cls_token"}
 
     def _pos_embed(self, pos, patch_embed, H, W):
-        """``pos`` (1, H0*W0, C) on the construction grid, resized bilinearly when (H, W) differs."""
+        """``pos`` (1, H0*W0, C) on the construction grid, resized bilinearly to (H, W)."""
         return resize_pos_embed(pos, (patch_embed.H, patch_embed.W), (H, W))
 
     def _stage(self, i, x, layout, pyramid):
@@ -82,9 +82,12 @@ class PyramidVisionTransformer(PyramidBase):
 
 def resize_pos_embed(pos, src, dst):
     """A (1, h*w, C) position embedding laid out on the grid ``src`` = (h, w), resized to ``dst`` = (H, W)
-    bilinearly (align_corners False, as the official code); returned as is when the grids are equal."""
-    if tuple(src) == tuple(dst):
-        return pos
+    bilinearly (align_corners False, as the official code).
+
+    There is no branch for ``dst == src``: bilinear resampling to the same size takes every output from
+    its own input with weight 1 and its neighbour with weight 0, so it returns ``pos`` exactly (finite
+    values), and the same code traces to one graph for every input size (torch.export, ONNX).
+    """
     grid = pos.reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2)
     return F.interpolate(grid, size=tuple(dst), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
 

@@ -19,6 +19,7 @@ class BackendOps:
     reduce_kv_linear: Callable
     attention: Callable
     dwconv_gelu: Callable
+    linear: Callable
 
 
 def _eager_table(name):
@@ -29,6 +30,7 @@ def _eager_table(name):
         reduce_kv_linear=getattr(eager, f"reduce_kv_linear_{name}"),
         attention=getattr(eager, f"attention_{name}"),
         dwconv_gelu=getattr(eager, f"dwconv_gelu_{name}"),
+        linear=getattr(eager, f"linear_{name}"),
     )
 
 
