@@ -22,7 +22,9 @@ def _composite_while_exporting(fused, composite):
     return op
 
 
+@functools.cache
 def fused_table():
+    """The one ``fused`` table (every model and accelerated host module shares it)."""
     from pvt_fast.ops import BackendOps
 
     return BackendOps(
