@@ -77,6 +77,19 @@ def test_hooks_on_accelerated_modules_fire():
     assert seen == ["pre"]
 
 
+def test_hooks_on_host_linears_fire():
+    """Linears without hooks run through the op table (oneDNN on CPU inference); one with a hook is called as
+    the host calls it, so the hook sees and changes its output."""
+    model, plain = pair("timm")
+    seen = []
+    for m, record in ((model, True), (plain, False)):
+        block = m.stages[0].blocks[0]
+        block.attn.q.register_forward_hook(lambda mod, args, out, r=record: (seen.append("q") if r else None) or out * 2)
+        block.mlp.fc1.register_forward_hook(lambda mod, args, out, r=record: (seen.append("fc1") if r else None) or out + 1)
+    assert_same_outputs(model, plain, torch.randn(1, 3, 64, 64))
+    assert seen == ["q", "fc1"]
+
+
 def test_hook_on_a_fused_submodule_runs_the_host_forward():
     model, plain = pair("timm")
     seen = []

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from pvt_fast.hosts.common import (Binding, Signature, Unsupported, check_conv, check_layer_norm, computes_gelu,
-                                   get, holds_only, host_forward, present, require)
+                                   get, has_hooks, holds_only, host_forward, present, require)
 
 SR_CONV, SR_NONE, SR_POOL = "attention (sr conv)", "attention (sr 1)", "attention (linear, pool 7)"
 MLP = "mlp (dwconv)"
@@ -28,6 +28,16 @@ def _roles(parts, names):
         elif value is not None:
             paths.append(value)
     return paths
+
+
+def _linear(module, path, ops, x):
+    """The host's Linear at ``path`` applied to ``x``: through the op table's ``linear`` (on CPU inference a
+    oneDNN primitive with the bias in its epilogue) when it is a plain ``nn.Linear`` without hooks, otherwise
+    called as the host calls it (a subclass keeps its own forward, hooks fire)."""
+    linear = get(module, path)
+    if type(linear) is nn.Linear and not has_hooks(linear):
+        return ops.linear(x, linear.weight, linear.bias)
+    return linear(x)
 
 
 # --- spatial-reduction attention ------------------------------------------------------------------------
@@ -105,21 +115,21 @@ def attention_forward(self, *args, **kwargs):
         return host_forward(self, args, kwargs)
     x, H, W = binding.grid(values)
     ops = binding.ops
-    q = get(self, parts.q)(x)
+    q = _linear(self, parts.q, ops, x)
     if binding.kind != SR_NONE:
         sr, norm = get(self, parts.sr), get(self, parts.norm)
         reduce = ops.reduce_kv_linear if binding.kind == SR_POOL else ops.reduce_kv
         x = reduce(x, H, W, sr.weight, sr.bias, norm.weight, norm.bias, norm.eps)
     if len(parts.kv) == 1:
-        kv = get(self, parts.kv[0])(x)
-    else:  # separate key / value Linears, each run as the host runs it (their weights are never copied)
-        kv = torch.cat([get(self, name)(x) for name in parts.kv], dim=-1)
+        kv = _linear(self, parts.kv[0], ops, x)
+    else:  # separate key / value Linears, each on its own weights (never copied into one)
+        kv = torch.cat([_linear(self, name, ops, x) for name in parts.kv], dim=-1)
     heads = getattr(self, parts.num_heads)
     scale = getattr(self, parts.scale) if parts.scale else (q.shape[-1] // heads) ** -0.5
     dropout_p = _probability(getattr(self, parts.attn_drop)) if self.training else 0.0
     out = ops.attention(q, kv, heads, scale, dropout_p)
     if parts.proj:
-        out = get(self, parts.proj)(out)
+        out = _linear(self, parts.proj, ops, out)
     if parts.proj_drop:
         out = get(self, parts.proj_drop)(out)
     if parts.returns == "tuple":
@@ -167,9 +177,10 @@ def mlp_forward(self, *args, **kwargs):
     x, H, W = binding.grid(values)
     conv = get(self, binding.fused[0])
     drop = get(self, parts.drop)
-    x = get(self, parts.fc1)(x)
-    x = drop(binding.ops.dwconv_gelu(x, H, W, conv.weight, conv.bias, binding.detail == "relu"))
-    return drop(get(self, parts.fc2)(x))
+    ops = binding.ops
+    x = _linear(self, parts.fc1, ops, x)
+    x = drop(ops.dwconv_gelu(x, H, W, conv.weight, conv.bias, binding.detail == "relu"))
+    return drop(_linear(self, parts.fc2, ops, x))
 
 
 # --- patch embeddings -----------------------------------------------------------------------------------
