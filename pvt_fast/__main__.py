@@ -47,11 +47,10 @@ def _parser():
         description="Run every fused op (patch_embed, reduce_kv, reduce_kv_linear, attention, dwconv_gelu) "
                     "forward and backward, twice, against the sdpa composite on tiny odd shapes and every op "
                     "call of pvt_v2_b2 and pvt_v2_b2_li (224x224 batch 8, 1024x1024 batch 1) in fp32, fp16 and "
-                    "bf16, then whole "
-                    "models (pvt_v2_b0, pvt_tiny, pvt_v2_b2_li) fused vs sdpa. The error against a float64 "
-                    "reference may be at most twice the composite's own plus the dtype's eps; runs must be "
-                    "bitwise equal. Exit status 0: all passed, 1: a check failed, 2: no CUDA device (on the CPU "
-                    "only --quick runs, under TRITON_INTERPRET=1).")
+                    "bf16, then whole models (pvt_v2_b0, pvt_tiny, pvt_v2_b2_li) fused vs sdpa. The error "
+                    "against a float64 reference may be at most twice the composite's own plus the dtype's "
+                    "eps; runs must be bitwise equal. Exit status 0: all passed, 1: a check failed, 2: no CUDA "
+                    "device (on the CPU only --quick runs, under TRITON_INTERPRET=1).")
     c.add_argument("--quick", action="store_true", help="tiny shapes and pvt_v2_b0 only")
     c.add_argument("--json", metavar="PATH", default=None, help="also write every row and the verdict to PATH")
     return parser

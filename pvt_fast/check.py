@@ -1,9 +1,10 @@
 """``python -m pvt_fast check``: every fused op against its PyTorch composite on this machine's GPU.
 
 The ``fused`` op table (patch_embed, reduce_kv, reduce_kv_linear, attention, dwconv_gelu) runs forward and
-backward on tiny odd shapes and on every op call of pvt_v2_b2 and pvt_v2_b2_li (linear reduction, ReLU before
-the depthwise conv) at 224x224 batch 8 and 1024x1024 batch 1, in fp32, fp16 and bf16; then whole models (pvt_v2_b0, pvt_tiny,
-pvt_v2_b2_li) run on the ``fused`` backend against the ``sdpa`` one (fp32, and fp16 / bf16 under autocast).
+backward on tiny odd shapes and on every op call of pvt_v2_b2 and pvt_v2_b2_li (linear reduction, ReLU
+before the depthwise conv) at 224x224 batch 8 and 1024x1024 batch 1, in fp32, fp16 and bf16; then whole
+models (pvt_v2_b0, pvt_tiny, pvt_v2_b2_li) run on the ``fused`` backend against the ``sdpa`` one (fp32, and
+fp16 / bf16 under autocast).
 ``--quick`` keeps the tiny shapes and pvt_v2_b0.
 
 The rule (flash-attention's): a float64 run of the composite is the reference; the fused result's error

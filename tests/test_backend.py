@@ -55,5 +55,6 @@ def test_every_verified_architecture_has_a_passing_recorded_check():
         path = RESULTS / record
         assert path.is_file(), f"FUSED_VERIFIED[{capability}] names {record}, which is not in {RESULTS}"
         report = json.loads(path.read_text())
-        assert report["verdict"] == "pass" and not report["quick"], f"{record}: {report['verdict']}, quick={report['quick']}"
+        assert report["verdict"] == "pass" and not report["quick"], \
+            f"{record}: {report['verdict']}, quick={report['quick']}"
         assert tuple(report["capability"]) == capability, f"{record} ran on sm_{report['capability']}"
