@@ -316,3 +316,23 @@ def test_offsets_past_2_31_elements_gpu():
     want = torch.softmax(q[:, -tail:].double() @ kv[..., :C].double().transpose(1, 2) * C ** -0.5, -1) @ kv[..., C:].double()
     err = ((out[:, -tail:].double() - want).norm() / want.norm()).item()
     assert err < 1e-2, f"relative error {err:.2e} in the last {tail} rows"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, fails", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.8.0", "2.4.6", False)])
+def test_interpreter_version_guard(monkeypatch, triton_version, numpy_version, fails):
+    """Triton 3.6's interpreter cannot run runtime-bound loops on numpy >= 2.4: a clear error instead of
+    'only 0-dimensional arrays can be converted to Python scalars' from every kernel."""
+    import numpy
+    import triton
+
+    import pvt_fast.kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if fails:
+        with pytest.raises(ImportError, match=r"triton 3\.6\.0 needs numpy < 2\.4.*found numpy 2\.4\.6"):
+            pvt_fast.kernels._check_interpreter()
+    else:
+        pvt_fast.kernels._check_interpreter()
