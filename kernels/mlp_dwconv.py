@@ -31,12 +31,15 @@ Precision: x, dy and g are read in their dtype (fp32, fp16, bf16) and every prod
 weight and bias are read in their own dtype and converted to fp32 in registers (under autocast the conv
 parameters stay fp32 while x is bf16: they are not rounded to bf16 first).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from pvt_fast.kernels._aot import AotSpec
+from pvt_fast.kernels._counts import Access, Launch, OpCost, pytorch_kernel
 
 # Rows per program: the stage heights at 224 (56, 28, 14, 7) are multiples of 7, so no row block is partial.
 ROWS = 7
@@ -389,6 +392,74 @@ def dwconv_gelu_bwd(grad_out, x, H, W, weight, bias, relu_prologue, grad_x=None)
     grad_weight = dw_part.sum(0).t().contiguous().view(C, 1, 3, 3).to(weight.dtype)
     grad_bias = dbias_part.sum(0).to(bias.dtype)
     return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------- traffic
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Batch, grid height and width, hidden channels and the tokens' dtype (parameters in the same dtype)."""
+
+    B: int
+    H: int
+    W: int
+    C: int
+    dtype: torch.dtype
+
+    @property
+    def elem(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def _walk_loads(p, tile):
+    """Elements one walk over the image (9 input rows per program, each at three column shifts) loads, summed
+    over every program: only rows inside the image and columns whose shifted index is inside it."""
+    block_w, _ = tile
+    col_blocks = triton.cdiv(p.W, block_w)
+    per_row = min(p.W, col_blocks * block_w - 1) + p.W + (p.W - 1)  # left, center, right shifts
+    rows = sum(min(p.H, r0 + ROWS + 1) - max(0, r0 - 1) for r0 in range(0, p.H, ROWS))
+    return p.B * p.C * per_row * rows
+
+
+def _programs(p, tile):
+    grid = _grid(p.B, p.H, p.W, p.C, tile)
+    return grid[0], grid[0] * grid[1]
+
+
+def forward_cost(p):
+    """The forward launch as :mod:`pvt_fast.kernels.traffic` counts it (parameters in the tokens' dtype)."""
+    tile = _tile(p.W)
+    spatial, programs = _programs(p, tile)
+    e, t = p.elem, p.B * p.H * p.W * p.C * p.elem
+    # Per tile position: 69 FMAs over the walk's 9 steps (kernel rows 0, 1, 2 of the rolling output rows).
+    launch = Launch("dwconv_gelu_fwd", programs, (
+        Access("x", t, loaded=_walk_loads(p, tile) * e), Access("weight", 9 * p.C * e, loaded=spatial * 9 * p.C * e),
+        Access("bias", p.C * e, loaded=spatial * p.C * e), Access("y", t, stored=t),
+    ), flops=programs * tile[0] * tile[1] * 2 * 69)
+    return OpCost((launch,), 2 * t + 10 * p.C * e, 18 * p.B * p.H * p.W * p.C)
+
+
+def backward_cost(p):
+    """The two backward launches and the sums of their partial results."""
+    tile = _tile(p.W)
+    spatial, programs = _programs(p, tile)
+    e, t, walk = p.elem, p.B * p.H * p.W * p.C * p.elem, _walk_loads(p, tile) * p.elem
+    taps = Access("weight", 9 * p.C * e, loaded=spatial * 9 * p.C * e)
+    launches = (
+        Launch("dwconv_gelu_bwd_pre", programs, (
+            Access("x", t, loaded=walk), taps, Access("bias", p.C * e, loaded=spatial * p.C * e),
+            Access("grad_out", t, loaded=t), Access("g", t, stored=t),
+            Access("dbias_part", 4 * spatial * p.C, stored=4 * spatial * p.C),
+        ), flops=programs * tile[0] * tile[1] * 2 * 69),
+        Launch("dwconv_bwd", programs, (
+            Access("g", t, loaded=walk), Access("x", t, loaded=walk), taps, Access("dx", t, stored=t),
+            Access("dw_part", 36 * spatial * p.C, stored=36 * spatial * p.C),
+        ), flops=programs * tile[0] * tile[1] * 2 * (69 + 63)),
+        pytorch_kernel("dw_part.sum(0)", {"dw_part": 36 * spatial * p.C}, {"grad_weight": 36 * p.C}),
+        pytorch_kernel("dbias_part.sum(0)", {"dbias_part": 4 * spatial * p.C}, {"grad_bias": 4 * p.C}),
+    )
+    return OpCost(launches, 3 * t + 10 * p.C * e + 10 * p.C * e, 36 * p.B * p.H * p.W * p.C)
 
 
 def dwconv_gelu_ref(x, H, W, weight, bias, relu_prologue):

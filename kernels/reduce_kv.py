@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from pvt_fast.kernels._aot import AotSpec
+from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost
 
 POOL_SIZE = 7
 _POOL = tl.constexpr(POOL_SIZE)
@@ -332,6 +333,46 @@ def reduce_kv_linear(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps, o
         )
     return _conv_layer_norm(pooled, POOL_SIZE, POOL_SIZE, 1, sr_weight, sr_bias, norm_weight, norm_bias, eps,
                             True, out, config)
+
+
+# Traffic ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Batch, token grid height and width, channels, reduction ratio (0: the v2-li pool to 7 x 7) and dtype."""
+
+    B: int
+    H: int
+    W: int
+    C: int
+    sr: int
+    dtype: torch.dtype
+
+    @property
+    def elem(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def forward_cost(p, num_sms=SMS):
+    """The conv SRA forward as :mod:`pvt_fast.kernels.traffic` counts it."""
+    e, sr = p.elem, p.sr
+    rows = p.B * (p.H // sr) * (p.W // sr)
+    cfg = gemm_config(rows, p.C, p.dtype, num_sms)
+    programs = triton.cdiv(rows, cfg.block_m)
+    x_bytes = rows * sr * sr * p.C * e
+    w_bytes = p.C * p.C * sr * sr * e
+    steps = sr * sr * triton.cdiv(p.C, cfg.block_k)
+    launch = Launch("reduce_kv conv_layer_norm", programs, (
+        Access("x", x_bytes, loaded=x_bytes),
+        # every program reads BLOCK_C weight rows (rows past C are clamped, not masked) of every step
+        Access("weight", w_bytes, loaded=programs * cfg.block_c * sr * sr * p.C * e, reuse_set=w_bytes),
+        Access("params", 3 * p.C * e, loaded=programs * 3 * p.C * e),
+        Access("out", rows * p.C * e, stored=rows * p.C * e),
+    ), flops=programs * steps * 2 * cfg.block_c * cfg.block_k * cfg.block_m,
+        peak="fp32" if input_precision(p.dtype) == "ieee" and p.dtype == torch.float32 else
+        ("tf32" if p.dtype == torch.float32 else "16-bit"))
+    return OpCost((launch,), x_bytes + w_bytes + 3 * p.C * e + rows * p.C * e, 2 * rows * p.C * p.C * sr * sr)
 
 
 # References --------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 
 from pvt_fast.kernels._aot import AotSpec
+from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost, pytorch_kernel, reuse_set
+from pvt_fast.kernels._common import TRITON_TYPES, dot_inputs, input_precision, num_sms, unit_last_stride
 
 LOG2E = math.log2(math.e)
 
@@ -228,8 +230,12 @@ def _sra_attention_bwd_dkdv_kernel(
     v_block = k_block + heads * HEAD_DIM
     kv_offs = key_rows[:, None] * stride_kvm + cols[None, :]
     kv_mask = key_ok[:, None] & col_ok[None, :]
-    k = tl.load(k_block + kv_offs, mask=kv_mask, other=0.0)  # dead (and removed) with RELOAD
-    v = tl.load(v_block + kv_offs, mask=kv_mask, other=0.0)
+    if RELOAD:  # _dkdv_query_block reads the block itself; these placeholders are never read
+        k = tl.zeros((BLOCK_M, BLOCK_D), kv_ptr.dtype.element_ty)
+        v = k
+    else:
+        k = tl.load(k_block + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_block + kv_offs, mask=kv_mask, other=0.0)
 
     q_base = q_ptr + b * stride_qb + h * HEAD_DIM
     do_base = do_ptr + b * stride_dob + h * HEAD_DIM
@@ -308,8 +314,12 @@ def _sra_attention_bwd_dq_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     q_block = q_ptr + b * stride_qb + h * HEAD_DIM + first_row * stride_qn
     do_block = do_ptr + b * stride_dob + h * HEAD_DIM + first_row * stride_don
-    q = tl.load(q_block + row_idx[:, None] * stride_qn + cols[None, :], mask=mask, other=0.0)  # dead with RELOAD
-    do = tl.load(do_block + row_idx[:, None] * stride_don + cols[None, :], mask=mask, other=0.0)
+    if RELOAD:  # _dq_key_block reads the rows itself; these placeholders are never read
+        q = tl.zeros((BLOCK_N, BLOCK_D), q_ptr.dtype.element_ty)
+        do = q
+    else:
+        q = tl.load(q_block + row_idx[:, None] * stride_qn + cols[None, :], mask=mask, other=0.0)
+        do = tl.load(do_block + row_idx[:, None] * stride_don + cols[None, :], mask=mask, other=0.0)
     lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
     k_base = kv_ptr + b * stride_kvb + h * HEAD_DIM
@@ -383,13 +393,10 @@ def _block_d(head_dim):
 
 
 def _dot_inputs(dtype, block_d):
-    """What tl.dot multiplies: fp16/bf16 ("16-bit"), or fp32 as "tf32" or "ieee" (torch's float32 matmul
-    precision; "highest" means ieee) -- also the constexpr INPUT_PRECISION (16-bit inputs ignore it)."""
-    if dtype != torch.float32:
-        return "16-bit"
-    if torch.get_float32_matmul_precision() != "highest" and block_d <= 64:
-        return "tf32"
-    return "ieee"
+    """:func:`~pvt_fast.kernels._common.dot_inputs`, except that a 128-wide head block has no tf32 tiling
+    that stays in registers: it multiplies as ieee fp32."""
+    dot = dot_inputs(dtype)
+    return "ieee" if dot == "tf32" and block_d > 64 else dot
 
 
 def _config(kernel, dot_inputs, block_d, M):
@@ -399,29 +406,83 @@ def _config(kernel, dot_inputs, block_d, M):
     return cfg
 
 
-def _precision(dot_inputs):
-    return "tf32" if dot_inputs == "tf32" else "ieee"
-
-
-def _check_layout(**tensors):
-    for name, t in tensors.items():
-        if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have last-dim stride 1, got strides {tuple(t.stride())}")
-
-
 def _grid_bh(B, num_heads):
     if B * num_heads > 65535:
         raise ValueError(f"batch * num_heads must be <= 65535 (a grid dimension), got {B} * {num_heads}")
     return B * num_heads
 
 
-def _num_splits(n_blocks, programs, device):
-    """Query ranges for dK/dV: enough programs to fill the GPU twice, each range at least 8 query blocks."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, programs)
-    return max(1, min(want, n_blocks // 8))
+@dataclass(frozen=True)
+class Problem:
+    """The sizes a launch is planned for: batch, queries, keys, channels, heads and the inputs' dtype."""
+
+    B: int
+    N: int
+    M: int
+    C: int
+    heads: int
+    dtype: torch.dtype
+
+    @property
+    def head_dim(self):
+        return self.C // self.heads
+
+    @property
+    def block_d(self):
+        return _block_d(self.head_dim)
+
+    @property
+    def dot(self):
+        return _dot_inputs(self.dtype, self.block_d)
+
+    @property
+    def elem(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """Blocks and grids of the three backward kernels (see :func:`backward_plan`)."""
+
+    dkdv: _Config
+    dkdv_grid: tuple
+    rows_per_split: int
+    dq: _Config
+    dq_grid: tuple
+
+    @property
+    def num_splits(self):
+        return self.dkdv_grid[2]
+
+    delta_grid = property(lambda self: (triton.cdiv(self.dq_grid[0] * self.dq.block_n, _DELTA_BLOCK_N),
+                                        self.dq_grid[1]))
+
+
+def forward_plan(p, num_sms):
+    """(config, grid) of the forward for problem ``p`` on a GPU with ``num_sms`` SMs."""
+    cfg = _config("fwd", p.dot, p.block_d, p.M)
+    return cfg, (triton.cdiv(p.N, cfg.block_n), _grid_bh(p.B, p.heads))
+
+
+def backward_plan(p, num_sms, num_splits=None):
+    """The backward's plan for problem ``p``. The dK/dV kernel splits the queries into ``num_splits`` ranges
+    (None: enough programs to fill ``num_sms`` SMs twice, each range at least 8 query blocks), whose fp32
+    partial sums are added afterwards; ``num_splits`` is rounded to what whole query blocks allow."""
+    bh = _grid_bh(p.B, p.heads)
+    cfg = _config("dkdv", p.dot, p.block_d, p.M)
+    n_blocks = triton.cdiv(p.N, cfg.block_n)
+    m_blocks = triton.cdiv(p.M, cfg.block_m)
+    if num_splits is None:
+        num_splits = max(1, min(triton.cdiv(2 * num_sms, m_blocks * bh), n_blocks // 8))
+    rows_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks))) * cfg.block_n
+    dq_cfg = _config("dq", p.dot, p.block_d, p.M)
+    return BackwardPlan(cfg, (m_blocks, bh, triton.cdiv(p.N, rows_per_split)), rows_per_split, dq_cfg,
+                        (triton.cdiv(p.N, dq_cfg.block_n), bh))
+
+
+def _problem(q, kv, num_heads):
+    B, N, C = q.shape
+    return Problem(B, N, kv.shape[1], C, num_heads, q.dtype)
 
 
 # Launchers ------------------------------------------------------------------------------------------
@@ -433,23 +494,18 @@ def sra_attention_fwd(q, kv, num_heads, scale, out=None, lse=None):
     Returns (o, lse): o (B, N, C) in q's dtype, lse (B, num_heads, N) fp32. ``out`` / ``lse`` may be given
     (contiguous, right shape and dtype) to be written instead of fresh tensors.
     """
-    _check_layout(q=q, kv=kv)
-    B, N, C = q.shape
-    M = kv.shape[1]
-    head_dim = C // num_heads
-    block_d = _block_d(head_dim)
-    dot_inputs = _dot_inputs(q.dtype, block_d)
-    cfg = _config("fwd", dot_inputs, block_d, M)
-    o = torch.empty((B, N, C), dtype=q.dtype, device=q.device) if out is None else out
-    lse = torch.empty((B, num_heads, N), dtype=torch.float32, device=q.device) if lse is None else lse
+    q, kv = unit_last_stride(q), unit_last_stride(kv)
+    p = _problem(q, kv, num_heads)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    lse = torch.empty((p.B, num_heads, p.N), dtype=torch.float32, device=q.device) if lse is None else lse
     if o.numel() == 0:
         return o, lse
-    grid = (triton.cdiv(N, cfg.block_n), _grid_bh(B, num_heads))
+    cfg, grid = forward_plan(p, num_sms(q.device))
     _sra_attention_fwd_kernel[grid](
-        q, kv, o, lse, scale * LOG2E, N, M, num_heads,
+        q, kv, o, lse, scale * LOG2E, p.N, p.M, num_heads,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), o.stride(0), o.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-        INPUT_PRECISION=_precision(dot_inputs), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+        INPUT_PRECISION=input_precision(p.dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
 
@@ -461,60 +517,117 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
     grad_o, o: (B, N, C); lse: (B, num_heads, N) fp32 from the forward. ``grad_lse`` (same shape as lse, or
     None) is the gradient flowing into lse: d lse / d S = P, so it enters as ``delta - grad_lse``.
     ``num_splits`` overrides how many query ranges the dK/dV kernel splits N into (None: chosen from the
-    GPU's SM count; 1 on CPU).
+    device's SM count, see :func:`backward_plan`).
     """
-    _check_layout(grad_o=grad_o, q=q, kv=kv, o=o)
-    B, N, C = q.shape
-    M = kv.shape[1]
-    head_dim = C // num_heads
-    block_d = _block_d(head_dim)
-    dot_inputs = _dot_inputs(q.dtype, block_d)
-    bh = _grid_bh(B, num_heads)
+    grad_o, q, kv, o = (unit_last_stride(t) for t in (grad_o, q, kv, o))
+    p = _problem(q, kv, num_heads)
     lse = lse.contiguous()
     if dq is None:
-        dq = torch.empty((B, N, C), dtype=q.dtype, device=q.device)
+        dq = torch.empty((p.B, p.N, p.C), dtype=q.dtype, device=q.device)
     if dkv is None:
-        dkv = torch.empty((B, M, 2 * C), dtype=kv.dtype, device=kv.device)
+        dkv = torch.empty((p.B, p.M, 2 * p.C), dtype=kv.dtype, device=kv.device)
     if dq.numel() == 0:  # no queries (or batch): nothing flows back to the keys
         return dq, dkv.zero_()
-    meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "INPUT_PRECISION": _precision(dot_inputs)}
+    plan = backward_plan(p, num_sms(q.device), num_splits)
+    meta = {"HEAD_DIM": p.head_dim, "BLOCK_D": p.block_d, "INPUT_PRECISION": input_precision(p.dot)}
 
-    delta = torch.empty((B, num_heads, N), dtype=torch.float32, device=q.device)
-    _sra_attention_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK_N), bh)](
-        o, grad_o, delta, N, num_heads, o.stride(0), o.stride(1), grad_o.stride(0), grad_o.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=_DELTA_BLOCK_N,
+    delta = torch.empty((p.B, num_heads, p.N), dtype=torch.float32, device=q.device)
+    _sra_attention_bwd_delta_kernel[plan.delta_grid](
+        o, grad_o, delta, p.N, num_heads, o.stride(0), o.stride(1), grad_o.stride(0), grad_o.stride(1),
+        HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_N=_DELTA_BLOCK_N,
     )
     if grad_lse is not None:
         delta -= grad_lse
 
-    cfg = _config("dkdv", dot_inputs, block_d, M)
-    n_blocks = triton.cdiv(N, cfg.block_n)
-    m_blocks = triton.cdiv(M, cfg.block_m)
-    if num_splits is None:
-        num_splits = _num_splits(n_blocks, m_blocks * bh, q.device)
-    rows_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks))) * cfg.block_n
-    num_splits = triton.cdiv(N, rows_per_split)
-    partial = dkv if num_splits == 1 else torch.empty((num_splits, B, M, 2 * C), dtype=torch.float32,
-                                                      device=kv.device)
-    _sra_attention_bwd_dkdv_kernel[(m_blocks, bh, num_splits)](
-        q, kv, grad_o, lse, delta, partial, scale, scale * LOG2E, N, M, num_heads, rows_per_split,
+    cfg = plan.dkdv
+    partial = dkv if plan.num_splits == 1 else torch.empty((plan.num_splits, p.B, p.M, 2 * p.C),
+                                                           dtype=torch.float32, device=kv.device)
+    _sra_attention_bwd_dkdv_kernel[plan.dkdv_grid](
+        q, kv, grad_o, lse, delta, partial, scale, scale * LOG2E, p.N, p.M, num_heads, plan.rows_per_split,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1),
-        0 if num_splits == 1 else partial.stride(0), partial.stride(-3), partial.stride(-2),
+        0 if plan.num_splits == 1 else partial.stride(0), partial.stride(-3), partial.stride(-2),
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **meta,
     )
-    if num_splits > 1:
+    if plan.num_splits > 1:
         dkv.copy_(partial.sum(0))
 
-    cfg = _config("dq", dot_inputs, block_d, M)
-    _sra_attention_bwd_dq_kernel[(triton.cdiv(N, cfg.block_n), bh)](
-        q, kv, grad_o, lse, delta, dq, scale, scale * LOG2E, N, M, num_heads,
+    cfg = plan.dq
+    _sra_attention_bwd_dq_kernel[plan.dq_grid](
+        q, kv, grad_o, lse, delta, dq, scale, scale * LOG2E, p.N, p.M, num_heads,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1),
         dq.stride(0), dq.stride(1),
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **meta,
     )
     return dq, dkv
+
+
+# Traffic ------------------------------------------------------------------------------------------
+
+
+def _peak(dot):
+    return "fp32" if dot == "ieee" else dot
+
+
+def forward_cost(p, num_sms=SMS):
+    """The forward's launches as :mod:`pvt_fast.kernels.traffic` counts them (see the module docstring)."""
+    cfg, grid = forward_plan(p, num_sms)
+    e, d, bh = p.elem, p.head_dim, p.B * p.heads
+    q_bytes, kv_bytes = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e
+    head_kv = 2 * p.M * d * e  # K and V of one (b, h), read in full by each of its query blocks
+    programs = grid[0] * grid[1]
+    launch = Launch("sra_attention_fwd", programs, (
+        Access("q", q_bytes, loaded=q_bytes),
+        Access("kv", kv_bytes, loaded=programs * head_kv, reuse_set=reuse_set(head_kv, grid[0])),
+        Access("o", q_bytes, stored=q_bytes),
+        Access("lse", 4 * bh * p.N, stored=4 * bh * p.N),
+    ), flops=programs * triton.cdiv(p.M, cfg.block_m) * 4 * cfg.block_n * cfg.block_m * p.block_d,
+        peak=_peak(p.dot))
+    return OpCost((launch,), 2 * q_bytes + kv_bytes + 4 * bh * p.N, 4 * p.B * p.N * p.M * p.C)
+
+
+def backward_cost(p, num_sms=SMS, num_splits=None):
+    """The backward's launches (delta, dK/dV, the split sum when there is one, dQ) as the traffic model counts them."""
+    plan = backward_plan(p, num_sms, num_splits)
+    e, d, bh = p.elem, p.head_dim, p.B * p.heads
+    q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
+    head_kv = 2 * p.M * d * e
+    launches = [Launch("sra_attention_bwd_delta", plan.delta_grid[0] * bh, (
+        Access("o", q_bytes, loaded=q_bytes), Access("grad_o", q_bytes, loaded=q_bytes),
+        Access("delta", rows_f32, stored=rows_f32)))]
+
+    cfg, (m_blocks, _, splits) = plan.dkdv, plan.dkdv_grid
+    split_rows = [min(plan.rows_per_split, p.N - s * plan.rows_per_split) for s in range(splits)]
+    query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
+    out_elem = e if splits == 1 else 4
+    kv_loads = (query_blocks if cfg.reload else splits) * bh * head_kv
+    launches.append(Launch("sra_attention_bwd_dkdv", m_blocks * bh * splits, (
+        Access("kv", kv_bytes, loaded=kv_loads, reuse_set=kv_bytes if splits > 1 or cfg.reload else 0),
+        Access("q", q_bytes, loaded=m_blocks * q_bytes,
+               reuse_set=reuse_set(plan.rows_per_split * d * e, m_blocks)),
+        Access("grad_o", q_bytes, loaded=m_blocks * q_bytes,
+               reuse_set=reuse_set(plan.rows_per_split * d * e, m_blocks)),
+        Access("lse", rows_f32, loaded=m_blocks * rows_f32), Access("delta", rows_f32, loaded=m_blocks * rows_f32),
+        Access("dkv" if splits == 1 else "dkv_partial", splits * kv_bytes // e * out_elem,
+               stored=splits * kv_bytes // e * out_elem),
+    ), flops=m_blocks * bh * query_blocks * 8 * cfg.block_m * cfg.block_n * p.block_d, peak=_peak(p.dot)))
+    if splits > 1:
+        f32 = kv_bytes // e * 4
+        launches.append(pytorch_kernel("dkv_partial.sum(0)", {"dkv_partial": splits * f32}, {"dkv_sum": f32}))
+        launches.append(pytorch_kernel("dkv.copy_", {"dkv_sum": f32}, {"dkv": kv_bytes}))
+
+    cfg, (n_blocks, _) = plan.dq, plan.dq_grid
+    key_blocks = triton.cdiv(p.M, cfg.block_m)
+    row_loads = key_blocks if cfg.reload else 1
+    launches.append(Launch("sra_attention_bwd_dq", n_blocks * bh, (
+        Access("q", q_bytes, loaded=row_loads * q_bytes), Access("grad_o", q_bytes, loaded=row_loads * q_bytes),
+        Access("lse", rows_f32, loaded=rows_f32), Access("delta", rows_f32, loaded=rows_f32),
+        Access("kv", kv_bytes, loaded=n_blocks * bh * head_kv, reuse_set=reuse_set(head_kv, n_blocks)),
+        Access("dq", q_bytes, stored=q_bytes),
+    ), flops=n_blocks * bh * key_blocks * 6 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot)))
+    minimum = 3 * q_bytes + kv_bytes + rows_f32 + q_bytes + kv_bytes  # read dO, q, o, kv, lse; write dq, dkv
+    return OpCost(tuple(launches), minimum, 10 * p.B * p.N * p.M * p.C)
 
 
 # Reference ------------------------------------------------------------------------------------------
@@ -538,7 +651,6 @@ def sra_attention_ref(q, kv, num_heads, scale):
 
 _KERNELS = {"fwd": _sra_attention_fwd_kernel, "dkdv": _sra_attention_bwd_dkdv_kernel,
             "dq": _sra_attention_bwd_dq_kernel}
-_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _FP32_ARGS = ("scale", "qk_scale_log2")
 
 
@@ -561,10 +673,10 @@ def _spec(kernel, dtype, dot_inputs, head_dim, M, out_elem=None):
     cfg = _config(kernel, dot_inputs, block_d, M)
     fn = _KERNELS[kernel]
     consts = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m,
-              "INPUT_PRECISION": _precision(dot_inputs)}
+              "INPUT_PRECISION": input_precision(dot_inputs)}
     if kernel != "fwd":
         consts["RELOAD"] = cfg.reload
-    elem = _TRITON_TYPE[dtype]
+    elem = TRITON_TYPES[dtype]
     tag = elem if dot_inputs == "16-bit" else f"fp32-{dot_inputs}"
     if out_elem:
         tag += f"->{out_elem}"
@@ -595,8 +707,8 @@ def aot_specs():
             if dot_inputs != "tf32":
                 consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_N": _DELTA_BLOCK_N}
                 fn = _sra_attention_bwd_delta_kernel
-                name = f"sra_attention_bwd_delta {_TRITON_TYPE[dtype]} d{head_dim} N{_DELTA_BLOCK_N}"
-                specs[name] = AotSpec(name, fn, _signature(fn, _TRITON_TYPE[dtype], consts), consts)
+                name = f"sra_attention_bwd_delta {TRITON_TYPES[dtype]} d{head_dim} N{_DELTA_BLOCK_N}"
+                specs[name] = AotSpec(name, fn, _signature(fn, TRITON_TYPES[dtype], consts), consts)
     return list(specs.values())
 
 
