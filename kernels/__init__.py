@@ -1,8 +1,10 @@
 """Triton kernels of pvt_fast, installed as ``pvt_fast.kernels``.
 
-Each module holds the ``@triton.jit`` kernels of one op, their launchers and a plain-PyTorch ``*_ref``
-beside them, plus ``aot_specs()``: the (dtype, block configuration) combinations its launcher can pick,
-which ``python -m pvt_fast.kernels.report`` compiles ahead of time for sm_80 and sm_90.
+Each module holds the ``@triton.jit`` kernels of one op, their launchers, ``aot_specs()`` (the (dtype,
+block configuration) combinations its launcher can pick, which ``python -m pvt_fast.kernels.report``
+compiles ahead of time for sm_80 and sm_90) and the count of what each launch moves (``*_cost``, the
+traffic model's input: ``python -m pvt_fast.kernels.report --traffic``). Each op's plain-PyTorch reference
+is its ``*_reference`` in :mod:`pvt_fast.ops.eager` (the official op order), one per op.
 Set ``TRITON_INTERPRET=1`` before importing these modules to run the kernels on CPU tensors.
 """
 import os

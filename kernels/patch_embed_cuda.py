@@ -2,14 +2,14 @@
 
 :func:`plan` is ``make_plan`` and ``choose_vec`` of ``csrc/patch_embed_core.h`` written again in Python (the
 model must run without building the extension); ``tests/test_patch_embed.py`` checks it against the C++
-plan and the byte counts below against the host test's emulation of every block
+plan, and the element counts of :func:`counts` against the host test's emulation of every block
 (``patch_embed_host_test --traffic``), so the two cannot drift apart unnoticed.
 """
 from dataclasses import dataclass
 
 import torch
 
-from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost, cdiv, reuse_set
+from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost, cdiv, pytorch_kernel, reuse_set
 
 MAX_FRAGMENTS_PER_WARP = 4
 STREAMED_CHUNK = 64
@@ -18,7 +18,7 @@ MAX_SMEM_BYTES = 160 * 1024
 _SMEM_PER_SM = 228 * 1024  # H100: 228 KB of shared memory per SM (Hopper tuning guide)
 _THREADS_PER_SM = 2048
 _TOKEN_ORIGIN_BYTES = 16  # sizeof(TokenOrigin)
-_COLUMN_TAP_BYTES = 24  # sizeof(ColumnTap)
+_COLUMN_TAP_BYTES = 16  # sizeof(ColumnTap)
 
 
 @dataclass(frozen=True)
@@ -139,21 +139,30 @@ def grid(pl):
     return min(pl.tiles, per_sm * SMS)
 
 
+def packed_pitch(p):
+    """Row pitch of the packed weight: K rounded up to 16."""
+    return _round_up(p.K, 16)
+
+
 def _valid_taps(size, out, k, s, p):
     """Sum over output positions of the kernel taps that land inside the input (padding is never read)."""
     return sum(sum(1 for kh in range(k) if 0 <= o * s - p + kh < size) for o in range(out))
 
 
-def counts(p):
-    """Elements the kernel reads and writes for problem ``p``: ``{"x", "weight", "params", "out"}``."""
+def counts(p, blocks=None):
+    """Elements the kernel reads and writes for problem ``p`` on ``blocks`` persistent blocks (None: the
+    launcher's count): ``{"x", "weight", "params", "out"}``. Every tile of a streamed plan, and every block
+    of a resident one, reads the packed weight's rows, zero padding included."""
     pl = plan(p)
-    blocks = grid(pl)
+    blocks = grid(pl) if blocks is None else blocks
     x = p.B * p.cin * _valid_taps(p.H, p.Ho, p.k, p.s, p.p) * _valid_taps(p.W, p.Wo, p.k, p.s, p.p)
-    weight_tiles = blocks if pl.chunks == 1 else pl.tiles
-    return {"x": x, "weight": weight_tiles * p.cout * p.K, "params": blocks * 3 * p.cout, "out": p.M * p.cout}
+    weight_reads = min(blocks, pl.tiles) if pl.chunks == 1 else pl.tiles
+    return {"x": x, "weight": weight_reads * p.cout * packed_pitch(p), "params": blocks * 3 * p.cout,
+            "out": p.M * p.cout}
 
 
 def forward_cost(p):
+    """The op's launches: the weight packing (PyTorch copies) and the kernel."""
     pl = plan(p)
     blocks = grid(pl)
     c = counts(p)
@@ -161,17 +170,14 @@ def forward_cost(p):
     we = 4 if p.weight_fp32 else e
     pe = 4 if p.params_fp32 else e
     x_bytes, w_bytes, out_bytes = p.B * p.cin * p.H * p.W * e, p.cout * p.K * we, p.M * p.cout * e
-    # A streamed plan gathers the weight with one 2-byte load per element; in "nhwc" order consecutive lanes
-    # read elements k*k apart in the OIHW weight, so every element fetches a 32-byte L2 sector of its own
-    # (fewer when k*k*elem < 32).
-    strided = p.layout == "nhwc" and p.k > 1
-    per_sector = max(1, 32 // (p.k * p.k * we)) if strided else 32 // we
-    w_loaded = c["weight"] * we if not strided else cdiv(c["weight"], per_sector) * 32
-    dots = pl.tiles * 2 * pl.bm * pl.npad * pl.chunks * pl.bk
-    launch = Launch("patch_embed (CUDA)", blocks, (
+    packed = p.cout * packed_pitch(p) * e
+    launches = [pytorch_kernel("pack weight", {"weight": w_bytes}, {"packed": p.cout * p.K * e})]
+    if packed > p.cout * p.K * e:
+        launches.append(pytorch_kernel("zero pitch padding", {}, {"packed": packed - p.cout * p.K * e}))
+    launches.append(Launch("patch_embed (CUDA)", blocks, (
         Access("x", x_bytes, loaded=c["x"] * e, reuse_set=reuse_set(pl.bm * p.K * e, 1)),
-        Access("weight", w_bytes, loaded=w_loaded, reuse_set=w_bytes),
+        Access("packed", packed, loaded=c["weight"] * e, reuse_set=packed),
         Access("params", 3 * p.cout * pe, loaded=c["params"] * pe),
         Access("out", out_bytes, stored=c["out"] * e),
-    ), flops=dots, peak="fp32" if p.dtype == torch.float32 else "16-bit")
-    return OpCost((launch,), x_bytes + w_bytes + 3 * p.cout * pe + out_bytes, 2 * p.M * p.cout * p.K)
+    ), flops=pl.tiles * 2 * pl.bm * pl.npad * pl.chunks * pl.bk, peak="fp32" if p.dtype == torch.float32 else "16-bit"))
+    return OpCost(tuple(launches), x_bytes + w_bytes + 3 * p.cout * pe + out_bytes, 2 * p.M * p.cout * p.K)

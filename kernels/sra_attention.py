@@ -1,4 +1,4 @@
-"""Spatial-reduction attention: fused Triton forward and backward, and the plain-PyTorch reference.
+"""Spatial-reduction attention: fused Triton forward and backward (reference: ``pvt_fast.ops.eager.attention_reference``).
 
 For every batch ``b`` and head ``h`` (``d = C // heads`` columns wide)::
 
@@ -13,29 +13,30 @@ The gradient ``dkv`` has the layout of ``kv``; ``dq`` that of ``q``.
 
 The forward is flash attention: each program owns ``BLOCK_N`` queries of one (b, h), keeps them in
 registers and streams K/V in ``BLOCK_M``-key blocks with an online softmax in base 2 (``scale * log2 e``
-folded into one multiply). When M fits one block (PVT at 224: M = 49) the loop runs once, so K/V are
-read once per program. The backward is flash attention's: a preprocess computes ``delta = rowsum(dO * O)``,
-one kernel walks the queries for each key block (dK, dV), one walks the keys for each query block (dQ).
-Both recompute ``P = exp(S - lse)``; nothing is accumulated with atomics, so results are bitwise
-reproducible. When few key blocks exist (small M, large N) the dK/dV kernel splits the queries into
-``num_splits`` ranges that write fp32 partial sums, added in a fixed order afterwards.
+folded into one multiply). Every query block reads all of its head's K/V, so where many key blocks exist
+(M > 64: 1024 x 1024 inputs) the plan takes 256-query blocks to halve those reads, and where 128-query
+blocks would leave SMs idle (batch 1, few queries) 64-query blocks.
+
+The backward: when every key fits one block (M <= 64, every PVT stage at 224 x 224) one kernel does it
+all, five dots per query block and no recomputation: each program walks a range of queries of one (b, h),
+computes delta = rowsum(dO * O), P, dP, dS, writes dQ (complete, all keys are in the block) and sums
+dK, dV over its range. Otherwise flash attention's three kernels: delta, one that walks the queries for
+each key block (dK, dV; 128-key blocks past 64 keys, so q and dO are read once per 128 keys) and one that
+walks the keys for each query block (dQ), both recomputing ``P = exp(S - lse)``. Query ranges summed by
+different programs write fp32 partial sums, added in a fixed order afterwards: nothing is accumulated with
+atomics, so results are bitwise reproducible.
 
 Head dims up to 128: the head-dim block is the next power of two >= 32, masked beyond d. The block sizes
-come from one table per kernel (``_CONFIGS``) indexed by what tl.dot multiplies (fp16/bf16, tf32, or
-ieee fp32) and the head-dim block, each entry free of register spills on sm_80 and sm_90 (checked by
-``python -m pvt_fast.kernels.report``); M <= 16 uses 16-key blocks. The backward's largest tiles re-read
-their loop-invariant operand from L1/L2 every iteration (``RELOAD``) where holding it would spill.
+come from one table (``_CONFIGS``) indexed by kernel, what tl.dot multiplies (fp16/bf16, tf32, or ieee
+fp32) and the head-dim block, each entry free of register spills on sm_80 and sm_90 (checked by
+``python -m pvt_fast.kernels.report``); M <= 16 uses 16-key blocks. Some backward tiles re-read their
+loop-invariant operand from L1/L2 every iteration (``RELOAD``) where holding it would spill.
 
-FLOPs (multiply-add = 2): forward ``4 B heads N M d``; backward ``10 B heads N M d`` counted the usual
-way (S recomputed once, dP, dV, dK, dQ), of which these kernels execute ``14 B heads N M d`` because the
-dQ kernel recomputes S and dP instead of storing them.
-
-Bytes from HBM, e bytes per element (K/V re-reads of later programs come from L2, which holds them when M
-is small): forward reads ``e (B N C + 2 B M C)``, writes ``e B N C + 4 B heads N`` (o, lse). Backward
-reads q, dO, o, kv and lse (``e (3 B N C + 2 B M C) + 4 B heads N``), writes and re-reads delta twice
-(``12 B heads N``), writes ``e (B N C + 2 B M C)`` (dq, dkv), plus ``8 splits B M C`` written and read
-for split dK/dV partial sums; q and dO are read once more per key block by the dK/dV kernel, from L2
-when M is small and from HBM otherwise (``e 2 B N C`` per key block).
+FLOPs (multiply-add = 2): the op counts what PyTorch's autograd of the reference counts, forward
+``4 B heads N M d``, backward ``8 B heads N M d`` (dP, dV, dK, dQ). The kernels execute 10 (one-block:
+S is recomputed) or 14 (three kernels: the dQ kernel recomputes S and dP) per ``B heads N M d``, plus the
+padding of partial blocks. What every launch reads and writes is :func:`forward_cost` and
+:func:`backward_cost` (checked against the bytes the interpreter moves, ``tests/test_traffic.py``).
 """
 import math
 from dataclasses import dataclass, replace
@@ -339,6 +340,78 @@ def _sra_attention_bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _sra_attention_bwd_one_block_kernel(
+    q_ptr, kv_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dkv_ptr, scale, qk_scale_log2, N, M, heads, rows_per_split,
+    stride_qb, stride_qn, stride_kvb, stride_kvm, stride_ob, stride_on, stride_dob, stride_don,
+    stride_dqb, stride_dqn, stride_dkvs, stride_dkvb, stride_dkvm,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The whole backward when every key fits one block (M <= BLOCK_M; PVT at 224 has M = 49): dQ of queries
+    [pid1 * rows_per_split, +rows_per_split) of (b, h) = divmod(pid0, heads), and their contribution to dK, dV.
+
+    Per query block: delta = rowsum(dO * O), S = scale Q K^T, P = exp(S - lse), dV += P^T dO, dP = dO V^T,
+    dS = P * (dP - delta), dQ = scale dS K (complete: all keys are here), dK += scale dS^T Q. Five dots per
+    block, no recomputation, and q, dO, O are read once. q_ptr, o_ptr, do_ptr, dq_ptr: (B, N, heads*HEAD_DIM)
+    with the given strides (last 1); kv_ptr: (B, M, 2*heads*HEAD_DIM); lse_ptr: (B, heads, N) fp32;
+    dkv_ptr: (splits, B, M, 2*heads*HEAD_DIM), the kv gradient itself with one split, else fp32 partial sums.
+    Masked: query rows outside the range (q = dO = O = 0 and lse = +inf, so their P row is 0; not stored),
+    keys >= M (P forced to 0: a padded key scores 0, whose exp can overflow), columns >= HEAD_DIM.
+    RELOAD reads K and V again for every query block (from L1/L2) instead of holding them in registers.
+    """
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1).to(tl.int64)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    keys = tl.arange(0, BLOCK_M)
+    key_ok = keys < M
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    kv_mask = key_ok[:, None] & col_ok[None, :]
+    k_base = kv_ptr + b * stride_kvb + h * HEAD_DIM
+    kv_offs = keys.to(tl.int64)[:, None] * stride_kvm + cols[None, :]
+    if not RELOAD:
+        k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(k_base + heads * HEAD_DIM + kv_offs, mask=kv_mask, other=0.0)
+
+    q_base = q_ptr + b * stride_qb + h * HEAD_DIM
+    o_base = o_ptr + b * stride_ob + h * HEAD_DIM
+    do_base = do_ptr + b * stride_dob + h * HEAD_DIM
+    dq_base = dq_ptr + b * stride_dqb + h * HEAD_DIM
+    lse_base = lse_ptr + pid_bh.to(tl.int64) * N
+    dk = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    row_begin = pid_split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, N)
+    for row_start in range(row_begin, row_end, BLOCK_N):
+        if RELOAD:
+            k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(k_base + heads * HEAD_DIM + kv_offs, mask=kv_mask, other=0.0)
+        rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn + cols[None, :], mask=mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don + cols[None, :], mask=mask, other=0.0)
+        o = tl.load(o_base + rows[:, None] * stride_on + cols[None, :], mask=mask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+        p = tl.where(key_ok[None, :], tl.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION) * scale
+        tl.store(dq_base + rows[:, None] * stride_dqn + cols[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+
+    dk_base = dkv_ptr + pid_split * stride_dkvs + b * stride_dkvb + h * HEAD_DIM
+    dkv_offs = keys.to(tl.int64)[:, None] * stride_dkvm + cols[None, :]
+    out_ty = dkv_ptr.dtype.element_ty
+    tl.store(dk_base + dkv_offs, (dk * scale).to(out_ty), mask=kv_mask)
+    tl.store(dk_base + heads * HEAD_DIM + dkv_offs, dv.to(out_ty), mask=kv_mask)
+
+
 # Launch configurations ------------------------------------------------------------------------------
 
 
@@ -382,7 +455,30 @@ _CONFIGS = {
     ("dq", "ieee", 32): _Config(16, 16, 4),
     ("dq", "ieee", 64): _Config(16, 16, 8),
     ("dq", "ieee", 128): _Config(16, 16, 4, reload=True),
+    # Variants the plans pick by shape (16-bit dots): 256-query blocks where many key blocks make the K/V reads
+    # of every query block add up ("wide"), 64-query blocks where 128 would leave SMs idle ("narrow"),
+    # 128-key blocks for dK/dV over many keys (q and dO are read once per key block).
+    ("fwd_wide", "16-bit", 32): _Config(256, 64, 8),
+    ("fwd_wide", "16-bit", 64): _Config(256, 32, 8),
+    ("fwd_narrow", "16-bit", 32): _Config(64, 64, 4),
+    ("fwd_narrow", "16-bit", 64): _Config(64, 64, 4),
+    ("dq_narrow", "16-bit", 32): _Config(64, 32, 4),
+    ("dq_narrow", "16-bit", 64): _Config(64, 64, 4),
+    ("dkdv_wide", "16-bit", 32): _Config(32, 128, 8),
+    ("dkdv_wide", "16-bit", 64): _Config(32, 128, 8),
+    # one-block backward (M <= 64): no ieee entry, its 16 x 16 FMA tiles hold 16 keys
+    # (one pipeline stage: sm_80's mma.sync operands of five dots fill the registers)
+    ("one", "16-bit", 32): _Config(32, 64, 4, num_stages=1),
+    ("one", "16-bit", 64): _Config(32, 64, 4, num_stages=1),
+    ("one", "16-bit", 128): _Config(16, 64, 8, num_stages=1),
+    ("one", "tf32", 32): _Config(32, 64, 4, num_stages=1),
+    # head dims below their block (48 in 64): the masked columns' extra registers spill at 32 queries
+    ("one_masked", "16-bit", 32): _Config(16, 64, 4, num_stages=1),
+    ("one_masked", "16-bit", 64): _Config(16, 64, 4, num_stages=1),
+    ("one_masked", "16-bit", 128): _Config(16, 64, 8, num_stages=1),
+    ("one_masked", "tf32", 32): _Config(16, 64, 4, num_stages=1),
 }
+_ONE_BLOCK_M = 64  # keys the one-block backward holds; past it the wide variants pay off
 _SMALL_M = 16  # at most this many keys: 16-key blocks rather than blocks that are mostly padding
 _DELTA_BLOCK_N = 64
 
@@ -442,42 +538,77 @@ class Problem:
 
 @dataclass(frozen=True)
 class BackwardPlan:
-    """Blocks and grids of the three backward kernels (see :func:`backward_plan`)."""
+    """The backward's kernels and grids (see :func:`backward_plan`): either ``one`` (the one-block kernel) or
+    the delta, dK/dV (``dkdv``) and dQ (``dq``) kernels. ``rows_per_split`` and ``num_splits`` split the
+    queries of the kernel that sums dK/dV over them."""
 
-    dkdv: _Config
-    dkdv_grid: tuple
     rows_per_split: int
-    dq: _Config
-    dq_grid: tuple
+    num_splits: int
+    one: _Config = None
+    one_grid: tuple = None
+    dkdv: _Config = None
+    dkdv_grid: tuple = None
+    dq: _Config = None
+    dq_grid: tuple = None
+    delta_grid: tuple = None
 
-    @property
-    def num_splits(self):
-        return self.dkdv_grid[2]
 
-    delta_grid = property(lambda self: (triton.cdiv(self.dq_grid[0] * self.dq.block_n, _DELTA_BLOCK_N),
-                                        self.dq_grid[1]))
+def _query_blocked(kernels, p, num_sms):
+    """(config, grid) of a kernel whose programs own query blocks: the first of ``kernels`` (widest first) with
+    a config for these dot inputs that gives every SM a program; a wide variant only past 64 keys (where
+    each query block's read of K and V adds up); the narrowest when none fills the GPU."""
+    bh = _grid_bh(p.B, p.heads)
+    choice = None
+    for kernel in kernels:
+        if (kernel, p.dot, p.block_d) not in _CONFIGS:
+            continue
+        cfg = _config(kernel, p.dot, p.block_d, p.M)
+        if kernel.endswith("_wide") and p.M <= _ONE_BLOCK_M:
+            continue
+        choice = cfg, (triton.cdiv(p.N, cfg.block_n), bh)
+        if choice[1][0] * bh >= num_sms:
+            break
+    return choice
 
 
 def forward_plan(p, num_sms):
-    """(config, grid) of the forward for problem ``p`` on a GPU with ``num_sms`` SMs."""
-    cfg = _config("fwd", p.dot, p.block_d, p.M)
-    return cfg, (triton.cdiv(p.N, cfg.block_n), _grid_bh(p.B, p.heads))
+    """(config, grid) of the forward for problem ``p`` on a GPU with ``num_sms`` SMs (see :func:`_query_blocked`)."""
+    return _query_blocked(("fwd_wide", "fwd", "fwd_narrow"), p, num_sms)
 
 
-def backward_plan(p, num_sms, num_splits=None):
-    """The backward's plan for problem ``p``. The dK/dV kernel splits the queries into ``num_splits`` ranges
-    (None: enough programs to fill ``num_sms`` SMs twice, each range at least 8 query blocks), whose fp32
-    partial sums are added afterwards; ``num_splits`` is rounded to what whole query blocks allow."""
+def _split_rows(N, block_n, want):
+    """(rows per split, splits): ``want`` ranges of whole query blocks, at most one per block."""
+    n_blocks = triton.cdiv(N, block_n)
+    rows = triton.cdiv(n_blocks, max(1, min(want, n_blocks))) * block_n
+    return rows, triton.cdiv(N, rows)
+
+
+def backward_plan(p, num_sms, num_splits=None, grad_lse=False):
+    """The backward's plan for problem ``p``.
+
+    When every key fits one block (``M <= 64``) and the dots run on tensor cores, one kernel does everything:
+    each program walks a range of queries of one (b, h), ``num_splits`` ranges per (b, h) (None: enough to
+    fill ``num_sms`` SMs once). Otherwise (or with a gradient into lse) three kernels: delta, dK/dV split
+    into ``num_splits`` query ranges (None: enough programs to fill the SMs twice, each range at least 8
+    query blocks), and dQ. Partial sums of split ranges are fp32, added afterwards in a fixed order.
+    """
     bh = _grid_bh(p.B, p.heads)
-    cfg = _config("dkdv", p.dot, p.block_d, p.M)
+    one = "one" if p.head_dim == p.block_d else "one_masked"
+    if (one, p.dot, p.block_d) in _CONFIGS and p.M <= _ONE_BLOCK_M and not grad_lse:
+        cfg = _config(one, p.dot, p.block_d, p.M)
+        want = num_splits if num_splits is not None else triton.cdiv(num_sms, bh)
+        rows, splits = _split_rows(p.N, cfg.block_n, want)
+        return BackwardPlan(rows, splits, one=cfg, one_grid=(bh, splits))
+    wide = ("dkdv_wide", p.dot, p.block_d) in _CONFIGS and p.M > _ONE_BLOCK_M
+    cfg = _config("dkdv_wide" if wide else "dkdv", p.dot, p.block_d, p.M)
     n_blocks = triton.cdiv(p.N, cfg.block_n)
     m_blocks = triton.cdiv(p.M, cfg.block_m)
     if num_splits is None:
         num_splits = max(1, min(triton.cdiv(2 * num_sms, m_blocks * bh), n_blocks // 8))
-    rows_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks))) * cfg.block_n
-    dq_cfg = _config("dq", p.dot, p.block_d, p.M)
-    return BackwardPlan(cfg, (m_blocks, bh, triton.cdiv(p.N, rows_per_split)), rows_per_split, dq_cfg,
-                        (triton.cdiv(p.N, dq_cfg.block_n), bh))
+    rows, splits = _split_rows(p.N, cfg.block_n, num_splits)
+    dq_cfg, dq_grid = _query_blocked(("dq", "dq_narrow"), p, num_sms)
+    return BackwardPlan(rows, splits, dkdv=cfg, dkdv_grid=(m_blocks, bh, splits), dq=dq_cfg, dq_grid=dq_grid,
+                        delta_grid=(triton.cdiv(p.N, _DELTA_BLOCK_N), bh))
 
 
 def _problem(q, kv, num_heads):
@@ -528,8 +659,23 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
         dkv = torch.empty((p.B, p.M, 2 * p.C), dtype=kv.dtype, device=kv.device)
     if dq.numel() == 0:  # no queries (or batch): nothing flows back to the keys
         return dq, dkv.zero_()
-    plan = backward_plan(p, num_sms(q.device), num_splits)
+    plan = backward_plan(p, num_sms(q.device), num_splits, grad_lse is not None)
     meta = {"HEAD_DIM": p.head_dim, "BLOCK_D": p.block_d, "INPUT_PRECISION": input_precision(p.dot)}
+    partial = dkv if plan.num_splits == 1 else torch.empty((plan.num_splits, p.B, p.M, 2 * p.C),
+                                                           dtype=torch.float32, device=kv.device)
+    partial_strides = (0 if plan.num_splits == 1 else partial.stride(0), partial.stride(-3), partial.stride(-2))
+    if plan.one is not None:
+        cfg = plan.one
+        _sra_attention_bwd_one_block_kernel[plan.one_grid](
+            q, kv, o, grad_o, lse, dq, partial, scale, scale * LOG2E, p.N, p.M, num_heads, plan.rows_per_split,
+            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), o.stride(0), o.stride(1), grad_o.stride(0),
+            grad_o.stride(1), dq.stride(0), dq.stride(1), *partial_strides,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **meta,
+        )
+        if plan.num_splits > 1:
+            dkv.copy_(partial.sum(0))
+        return dq, dkv
 
     delta = torch.empty((p.B, num_heads, p.N), dtype=torch.float32, device=q.device)
     _sra_attention_bwd_delta_kernel[plan.delta_grid](
@@ -540,12 +686,9 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
         delta -= grad_lse
 
     cfg = plan.dkdv
-    partial = dkv if plan.num_splits == 1 else torch.empty((plan.num_splits, p.B, p.M, 2 * p.C),
-                                                           dtype=torch.float32, device=kv.device)
     _sra_attention_bwd_dkdv_kernel[plan.dkdv_grid](
         q, kv, grad_o, lse, delta, partial, scale, scale * LOG2E, p.N, p.M, num_heads, plan.rows_per_split,
-        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1),
-        0 if plan.num_splits == 1 else partial.stride(0), partial.stride(-3), partial.stride(-2),
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1), *partial_strides,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **meta,
     )
@@ -587,20 +730,45 @@ def forward_cost(p, num_sms=SMS):
     return OpCost((launch,), 2 * q_bytes + kv_bytes + 4 * bh * p.N, 4 * p.B * p.N * p.M * p.C)
 
 
+def _split_sum(splits, kv_bytes, e):
+    f32 = kv_bytes // e * 4
+    return [pytorch_kernel("dkv_partial.sum(0)", {"dkv_partial": splits * f32}, {"dkv_sum": f32}),
+            pytorch_kernel("dkv.copy_", {"dkv_sum": f32}, {"dkv": kv_bytes})]
+
+
 def backward_cost(p, num_sms=SMS, num_splits=None):
-    """The backward's launches (delta, dK/dV, the split sum when there is one, dQ) as the traffic model counts them."""
+    """The backward's launches (one-block kernel, or delta, dK/dV and dQ; the split sum when there is one)
+    as the traffic model counts them."""
     plan = backward_plan(p, num_sms, num_splits)
     e, d, bh = p.elem, p.head_dim, p.B * p.heads
     q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
     head_kv = 2 * p.M * d * e
+    splits = plan.num_splits
+    split_rows = [min(plan.rows_per_split, p.N - s * plan.rows_per_split) for s in range(splits)]
+    out_elem = e if splits == 1 else 4
+    dkv_out = Access("dkv" if splits == 1 else "dkv_partial", splits * kv_bytes // e * out_elem,
+                     stored=splits * kv_bytes // e * out_elem)
+    minimum = 3 * q_bytes + kv_bytes + rows_f32 + q_bytes + kv_bytes  # read dO, q, o, kv, lse; write dq, dkv
+    useful = 8 * p.B * p.N * p.M * p.C  # the op's FLOP formula: autograd of the reference
+    if plan.one is not None:
+        cfg = plan.one
+        query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
+        launches = [Launch("sra_attention_bwd_one_block", bh * splits, (
+            Access("kv", kv_bytes, loaded=(query_blocks if cfg.reload else splits) * bh * head_kv,
+                   reuse_set=reuse_set(head_kv, splits)),
+            Access("q", q_bytes, loaded=q_bytes),
+            Access("grad_o", q_bytes, loaded=q_bytes), Access("o", q_bytes, loaded=q_bytes),
+            Access("lse", rows_f32, loaded=rows_f32), Access("dq", q_bytes, stored=q_bytes), dkv_out,
+        ), flops=bh * query_blocks * 10 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot))]
+        if splits > 1:
+            launches += _split_sum(splits, kv_bytes, e)
+        return OpCost(tuple(launches), minimum, useful)
+
     launches = [Launch("sra_attention_bwd_delta", plan.delta_grid[0] * bh, (
         Access("o", q_bytes, loaded=q_bytes), Access("grad_o", q_bytes, loaded=q_bytes),
         Access("delta", rows_f32, stored=rows_f32)))]
-
-    cfg, (m_blocks, _, splits) = plan.dkdv, plan.dkdv_grid
-    split_rows = [min(plan.rows_per_split, p.N - s * plan.rows_per_split) for s in range(splits)]
+    cfg, m_blocks = plan.dkdv, plan.dkdv_grid[0]
     query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
-    out_elem = e if splits == 1 else 4
     kv_loads = (query_blocks if cfg.reload else splits) * bh * head_kv
     launches.append(Launch("sra_attention_bwd_dkdv", m_blocks * bh * splits, (
         Access("kv", kv_bytes, loaded=kv_loads, reuse_set=kv_bytes if splits > 1 or cfg.reload else 0),
@@ -609,15 +777,12 @@ def backward_cost(p, num_sms=SMS, num_splits=None):
         Access("grad_o", q_bytes, loaded=m_blocks * q_bytes,
                reuse_set=reuse_set(plan.rows_per_split * d * e, m_blocks)),
         Access("lse", rows_f32, loaded=m_blocks * rows_f32), Access("delta", rows_f32, loaded=m_blocks * rows_f32),
-        Access("dkv" if splits == 1 else "dkv_partial", splits * kv_bytes // e * out_elem,
-               stored=splits * kv_bytes // e * out_elem),
+        dkv_out,
     ), flops=m_blocks * bh * query_blocks * 8 * cfg.block_m * cfg.block_n * p.block_d, peak=_peak(p.dot)))
     if splits > 1:
-        f32 = kv_bytes // e * 4
-        launches.append(pytorch_kernel("dkv_partial.sum(0)", {"dkv_partial": splits * f32}, {"dkv_sum": f32}))
-        launches.append(pytorch_kernel("dkv.copy_", {"dkv_sum": f32}, {"dkv": kv_bytes}))
+        launches += _split_sum(splits, kv_bytes, e)
 
-    cfg, (n_blocks, _) = plan.dq, plan.dq_grid
+    cfg, n_blocks = plan.dq, plan.dq_grid[0]
     key_blocks = triton.cdiv(p.M, cfg.block_m)
     row_loads = key_blocks if cfg.reload else 1
     launches.append(Launch("sra_attention_bwd_dq", n_blocks * bh, (
@@ -626,31 +791,16 @@ def backward_cost(p, num_sms=SMS, num_splits=None):
         Access("kv", kv_bytes, loaded=n_blocks * bh * head_kv, reuse_set=reuse_set(head_kv, n_blocks)),
         Access("dq", q_bytes, stored=q_bytes),
     ), flops=n_blocks * bh * key_blocks * 6 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot)))
-    minimum = 3 * q_bytes + kv_bytes + rows_f32 + q_bytes + kv_bytes  # read dO, q, o, kv, lse; write dq, dkv
-    return OpCost(tuple(launches), minimum, 10 * p.B * p.N * p.M * p.C)
-
-
-# Reference ------------------------------------------------------------------------------------------
-
-
-def sra_attention_ref(q, kv, num_heads, scale):
-    """The same math in plain PyTorch, in the inputs' dtype: returns (o (B, N, C), lse (B, heads, N))."""
-    B, N, C = q.shape
-    d = C // num_heads
-    qh = q.reshape(B, N, num_heads, d).transpose(1, 2)
-    kvh = kv.reshape(B, kv.shape[1], 2, num_heads, d)
-    k = kvh[:, :, 0].transpose(1, 2)
-    v = kvh[:, :, 1].transpose(1, 2)
-    s = (qh @ k.transpose(-2, -1)) * scale
-    lse = torch.logsumexp(s, dim=-1)
-    o = torch.exp(s - lse[..., None]) @ v
-    return o.transpose(1, 2).reshape(B, N, C), lse
+    return OpCost(tuple(launches), minimum, useful)
 
 
 # Ahead-of-time compile specs ------------------------------------------------------------------------
 
-_KERNELS = {"fwd": _sra_attention_fwd_kernel, "dkdv": _sra_attention_bwd_dkdv_kernel,
-            "dq": _sra_attention_bwd_dq_kernel}
+_KERNELS = {"fwd": _sra_attention_fwd_kernel, "fwd_wide": _sra_attention_fwd_kernel,
+            "fwd_narrow": _sra_attention_fwd_kernel, "dkdv": _sra_attention_bwd_dkdv_kernel,
+            "dkdv_wide": _sra_attention_bwd_dkdv_kernel, "dq": _sra_attention_bwd_dq_kernel,
+            "dq_narrow": _sra_attention_bwd_dq_kernel, "one": _sra_attention_bwd_one_block_kernel,
+            "one_masked": _sra_attention_bwd_one_block_kernel}
 _FP32_ARGS = ("scale", "qk_scale_log2")
 
 
@@ -674,7 +824,7 @@ def _spec(kernel, dtype, dot_inputs, head_dim, M, out_elem=None):
     fn = _KERNELS[kernel]
     consts = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m,
               "INPUT_PRECISION": input_precision(dot_inputs)}
-    if kernel != "fwd":
+    if not kernel.startswith("fwd"):
         consts["RELOAD"] = cfg.reload
     elem = TRITON_TYPES[dtype]
     tag = elem if dot_inputs == "16-bit" else f"fp32-{dot_inputs}"
@@ -697,13 +847,16 @@ def aot_specs():
         if dtype == torch.bfloat16:
             head_dims += (48,)
         for head_dim in head_dims:
-            for M in (_SMALL_M, 49):
+            for M in (_SMALL_M, 49, 1024):
                 for kernel in _KERNELS:
+                    if (kernel, dot_inputs, _block_d(head_dim)) not in _CONFIGS or \
+                            kernel.startswith("one") and (kernel == "one") != (head_dim == _block_d(head_dim)):
+                        continue
                     spec = _spec(kernel, dtype, dot_inputs, head_dim, M)
                     specs[spec.name] = spec
-                if dot_inputs == "16-bit":
-                    spec = _spec("dkdv", dtype, dot_inputs, head_dim, M, out_elem="fp32")
-                    specs[spec.name] = spec
+                    if dot_inputs == "16-bit" and kernel.startswith(("dkdv", "one")):
+                        spec = _spec(kernel, dtype, dot_inputs, head_dim, M, out_elem="fp32")
+                        specs[spec.name] = spec
             if dot_inputs != "tf32":
                 consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_N": _DELTA_BLOCK_N}
                 fn = _sra_attention_bwd_delta_kernel
@@ -712,4 +865,4 @@ def aot_specs():
     return list(specs.values())
 
 
-__all__ = ["sra_attention_fwd", "sra_attention_bwd", "sra_attention_ref", "aot_specs"]
+__all__ = ["sra_attention_fwd", "sra_attention_bwd", "aot_specs"]

@@ -23,16 +23,19 @@ column, executed over the op's counted FLOPs).
 The unfused chain beside each op is the same model applied to the PyTorch kernels the op replaces (the
 ``sdpa`` backend's ops; for attention the explicit matmul-softmax-matmul of the reference): each
 elementwise or normalization kernel reads its inputs and writes its outputs once, and each GEMM or
-convolution is a tiled GEMM with 128 x 128 tiles (A read once per column block, B once per row block).
+convolution is a tiled GEMM with 128 x 128 tiles (A read once per column block, B once per row block),
+all filling the GPU. Their loads are not known tile by tile as ours are, so the comparison leans against
+the fused kernels (a depthwise conv, for one, is charged its minimum bytes). The fused ops' backward of
+the patch embedding and of reduce_kv is PyTorch ops too (recomputing the forward): those rows show the
+cost of the recomputation, not a kernel of ours.
 
 The constants are H100 SXM's, here and nowhere else (the sources are next to each).
 """
 import dataclasses
-import math
 
 import torch
 
-from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost, cdiv, pytorch_gemm, pytorch_kernel
+from pvt_fast.kernels._counts import SMS, Access, OpCost, pytorch_gemm, pytorch_kernel
 
 # NVIDIA H100 Tensor Core GPU datasheet (SXM5 80 GB): HBM3 3.35 TB/s; dense BF16/FP16 989.4 TFLOP/s,
 # TF32 494.7 TFLOP/s, FP32 (CUDA cores) 66.9 TFLOP/s. 132 SMs (NVIDIA Hopper architecture whitepaper).
@@ -60,11 +63,11 @@ def hbm_bytes(launch):
     return total
 
 
-def launch_seconds(launch):
-    """The launch's roofline time, stretched when its programs leave SMs idle."""
+def launch_seconds(launch, sms=SMS):
+    """The launch's roofline time, stretched when its programs leave some of the ``sms`` SMs idle."""
     seconds = max(hbm_bytes(launch) / HBM_BANDWIDTH, (launch.loaded + launch.stored) / L2_BANDWIDTH,
                   launch.flops / PEAK_FLOPS[launch.peak])
-    fill = 1.0 if launch.pytorch else min(1.0, launch.programs / SMS)
+    fill = 1.0 if launch.pytorch else min(1.0, launch.programs / sms)
     return seconds / fill
 
 
@@ -312,7 +315,8 @@ def format_rows(rows):
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"traffic: worst x{worst[0]:.2f} ({worst[1]}, {worst[2]})")
+    if worst is not None:
+        lines.append(f"traffic: worst x{worst[0]:.2f} ({worst[1]}, {worst[2]})")
     return "\n".join(lines)
 
 

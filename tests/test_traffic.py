@@ -2,6 +2,7 @@
 counts and against the bytes the Triton interpreter really moves, and the ratios it predicts at the
 benchmark shapes."""
 import contextlib
+import dataclasses
 import os
 import re
 
@@ -48,6 +49,13 @@ def test_ratio_is_predicted_over_ideal():
     assert s.predicted == pytest.approx(4e-6) and s.ideal == pytest.approx(2e-6) and s.ratio == pytest.approx(2.0)
 
 
+@pytest.fixture
+def matmul_precision():
+    saved = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(saved)
+
+
 # --- hand counts --------------------------------------------------------------------------------------
 
 
@@ -55,8 +63,8 @@ def _by_kernel(cost):
     return {launch.kernel: launch for launch in cost.launches}
 
 
-def test_attention_counts_by_hand():
-    """B 1, N 5 queries, M 3 keys, C 32, one head, bf16: one program per kernel (16-key blocks, M <= 16)."""
+def test_attention_counts_by_hand(matmul_precision):
+    """B 1, N 5 queries, M 3 keys, C 32, one head: one program per kernel (16-key blocks, M <= 16)."""
     from pvt_fast.kernels import sra_attention as sa
 
     p = sa.Problem(1, 5, 3, 32, 1, torch.bfloat16)
@@ -66,12 +74,19 @@ def test_attention_counts_by_hand():
     assert (launch.programs, launch.loaded, launch.stored) == (1, q + kv, q + lse)
     assert launch.flops == 2 * 2 * 128 * 16 * 32  # two dots of a 128-query x 16-key x 32-column tile
     assert fwd.minimum_bytes == q + kv + q + lse and fwd.useful_flops == 4 * 5 * 3 * 32
+    (one,) = sa.backward_cost(p, num_sms=1).launches  # 16-bit, every key in one block: one kernel
+    assert (one.kernel, one.loaded, one.stored) == ("sra_attention_bwd_one_block", kv + 3 * q + lse, q + kv)
+    assert one.flops == 5 * 2 * 32 * 16 * 32  # five dots of a 32-query x 16-key x 32-column tile
+
+    matmul_precision("highest")  # fp32 dots on FMAs: the three-kernel backward with 16 x 16 tiles
+    p = sa.Problem(1, 5, 3, 32, 1, torch.float32)
+    q, kv = 5 * 32 * 4, 3 * 64 * 4
     bwd = _by_kernel(sa.backward_cost(p, num_sms=1))
     assert (bwd["sra_attention_bwd_delta"].loaded, bwd["sra_attention_bwd_delta"].stored) == (2 * q, lse)
     dkdv = bwd["sra_attention_bwd_dkdv"]  # K/V once; q, dO, lse, delta of every query once; dK/dV written
-    assert (dkdv.loaded, dkdv.stored, dkdv.flops) == (kv + 2 * q + 2 * lse, kv, 4 * 2 * 16 * 64 * 32)
+    assert (dkdv.loaded, dkdv.stored, dkdv.flops) == (kv + 2 * q + 2 * lse, kv, 4 * 2 * 16 * 16 * 32)
     dq = bwd["sra_attention_bwd_dq"]
-    assert (dq.loaded, dq.stored, dq.flops) == (2 * q + 2 * lse + kv, q, 3 * 2 * 128 * 16 * 32)
+    assert (dq.loaded, dq.stored, dq.flops) == (2 * q + 2 * lse + kv, q, 3 * 2 * 16 * 16 * 32)
 
 
 def test_dwconv_counts_by_hand():
@@ -86,11 +101,12 @@ def test_dwconv_counts_by_hand():
 
 def test_patch_embed_counts_by_hand():
     """B 1, 2 channels, 5 x 5 image, 8 outputs, k 3, stride 2, padding 1: a 3 x 3 grid; per output row the taps
-    inside the image are 2, 3, 2 (7 along each axis); one resident block reads the weight once."""
+    inside the image are 2, 3, 2 (7 along each axis); one resident block reads the packed weight once, 8 rows
+    of K = 18 padded to 32."""
     from pvt_fast.kernels import patch_embed_cuda as pe
 
     p = pe.Problem(1, 2, 5, 5, 8, 3, 2, 1, "nhwc", torch.bfloat16)
-    assert pe.counts(p) == {"x": 2 * 7 * 7, "weight": 8 * 18, "params": 3 * 8, "out": 9 * 8}
+    assert pe.counts(p) == {"x": 2 * 7 * 7, "weight": 8 * 32, "params": 3 * 8, "out": 9 * 8}
     plan = pe.plan(p)
     assert (plan.npad, plan.bm, plan.bk, plan.chunks, plan.tiles) == (16, 128, 32, 1, 1)
 
@@ -132,8 +148,10 @@ def _modelled(cost):
 
 @interpreted
 @pytest.mark.parametrize("B, N, M, C, heads, dtype", [
-    (2, 37, 23, 64, 2, torch.float16), (1, 133, 150, 48, 1, torch.float32), (1, 150, 20, 32, 1, torch.float16)])
+    (2, 37, 23, 64, 2, torch.float16), (1, 133, 150, 48, 1, torch.float32), (1, 150, 20, 32, 1, torch.float16),
+    (1, 150, 90, 32, 1, torch.float16)])
 def test_attention_model_matches_interpreter(B, N, M, C, heads, dtype):
+    """One-block (M <= 64, 16-bit) and three-kernel backwards, split and not."""
     from pvt_fast.kernels import sra_attention as sa
 
     g = torch.Generator().manual_seed(0)
@@ -165,17 +183,39 @@ def test_dwconv_model_matches_interpreter(B, H, W, C, dtype):
 
 
 @interpreted
-@pytest.mark.parametrize("B, H, W, C, sr, dtype", [(1, 9, 13, 24, 4, torch.float32), (2, 11, 7, 48, 2, torch.float16),
-                                                   (1, 4, 5, 136, 2, torch.float32)])
-def test_reduce_kv_model_matches_interpreter(B, H, W, C, sr, dtype):
+@pytest.mark.parametrize("B, H, W, C, sr, x_dtype, dtype", [
+    (1, 9, 13, 24, 4, torch.float32, torch.float32), (2, 11, 7, 48, 2, torch.float16, torch.float16),
+    (1, 4, 5, 136, 2, torch.float32, torch.float32), (1, 6, 6, 160, 2, torch.float32, torch.float16)])
+def test_reduce_kv_model_matches_interpreter(B, H, W, C, sr, x_dtype, dtype):
+    """The launcher's own choice, and every blocking (whole rows, channel tiles) split and unsplit."""
     from pvt_fast.kernels import reduce_kv as rk
 
-    x = torch.randn(B, H * W, C).to(dtype)
+    x = torch.randn(B, H * W, C).to(x_dtype)
     weight = torch.randn(C, C, sr, sr).to(dtype).contiguous(memory_format=torch.channels_last)
     vec = torch.randn(C).to(dtype)
+    p = rk.Problem(B, H, W, C, sr, x_dtype, dtype)
     with interpreter_bytes() as moved:
         rk.reduce_kv(x, H, W, weight, vec, vec, vec, 1e-5)
-    assert moved == _modelled(rk.forward_cost(rk.Problem(B, H, W, C, sr, dtype), num_sms=1))
+    assert moved == _modelled(rk.forward_cost(p, num_sms=1))
+    rows, x_bytes = B * (H // sr) * (W // sr), B * (H // sr) * (W // sr) * sr * sr * C * x.element_size()
+    blockings = rk._blockings(C, dtype, x_dtype)
+    for config in (dataclasses.replace(b, splits=s) for b in blockings for s in (1, 2)):
+        with interpreter_bytes() as moved:
+            rk.reduce_kv(x, H, W, weight, vec, vec, vec, 1e-5, config=config)
+        launches, _ = rk._gemm_launches(rows, config, p, x_bytes, "x")
+        assert moved == _modelled(OpCost(tuple(launches), 0, 0)), config
+
+
+@interpreted
+def test_reduce_kv_linear_model_matches_interpreter():
+    from pvt_fast.kernels import reduce_kv as rk
+
+    B, H, W, C = 2, 9, 15, 40
+    x = torch.randn(B, H * W, C)
+    weight, vec = torch.randn(C, C, 1, 1), torch.randn(C)
+    with interpreter_bytes() as moved:
+        rk.reduce_kv_linear(x, H, W, weight, vec, vec, vec, 1e-5)
+    assert moved == _modelled(rk.linear_forward_cost(rk.Problem(B, H, W, C, 1, torch.float32), num_sms=1))
 
 
 # --- the benchmark shapes -------------------------------------------------------------------------------
@@ -201,3 +241,58 @@ def test_report_ends_with_the_worst_ratio(rows, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) > 3 and all(re.search(r"  traffic x\d+\.\d\d$", line) for line in lines[2:-1]), lines
     assert lines[-1].startswith("traffic: worst x") and "s1 224px b64 bfloat16" in lines[-1]
+
+
+# Where the kernels are not yet under R_LIMIT at the benchmark shapes: (op, dtype) -> the worst ratio allowed
+# for now and why. A ratchet: a row over its bound fails (a regression), and an entry with no row over
+# R_LIMIT any more fails too (remove it). The reasons are the open work of issue 12.
+RATIO_GAPS = {
+    ("patch_embed fwd", "bfloat16"): (26.0, "streamed plans (stages 2-4) re-read the packed weight per 32-64 "
+                                           "token tile; stage 4 at 1024 px has 32 tiles for 132 SMs"),
+    ("patch_embed fwd", "float32"): (4.3, "the same, partly hidden behind fp32 FMA time"),
+    ("reduce_kv fwd", "bfloat16"): (6.0, "a conv with K = sr^2 C >> C: each row block reads the whole weight "
+                                         "(L2), split-K partial sums cost fp32 round trips; C = 320 worst"),
+    ("sra_attention fwd", "bfloat16"): (3.1, "1024 px stages 2-4 at batch 1: each query block reads all of "
+                                             "its head's K/V; few query blocks for 132 SMs"),
+    ("sra_attention fwd", "float32"): (1.6, "exact fp32 dots use 16 x 16 FMA tiles: K/V read per 16 queries"),
+    ("sra_attention bwd", "bfloat16"): (3.1, "1024 px: three-kernel backward re-reads q/dO per 128 keys and "
+                                             "K/V per query block"),
+    ("sra_attention bwd", "float32"): (1.45, "16 x 16 FMA tiles, as the forward"),
+    ("dwconv_gelu fwd", "bfloat16"): (1.55, "each input row is loaded at three column shifts (L1 hits on a "
+                                            "GPU, counted as L2 traffic here) and 9 rows per 7"),
+    ("dwconv_gelu fwd", "float32"): (1.55, "as bf16"),
+    ("dwconv_gelu bwd", "bfloat16"): (3.2, "two passes: g written and read back, x read twice; one fused "
+                                           "pass is the fix"),
+    ("dwconv_gelu bwd", "float32"): (3.1, "as bf16"),
+}
+# (op, dtype) whose fused kernels the model predicts slower than the unfused PyTorch chain at some benchmark
+# shape. The chain is charged only its minimum bytes (its kernels' own tiling is unknown, GEMMs aside), the
+# fused kernels every tile load: the comparison leans against them, but these are the rows to fix.
+SLOWER_THAN_UNFUSED = {("patch_embed fwd", "bfloat16"), ("patch_embed fwd", "float32"),
+                       ("reduce_kv fwd", "bfloat16"), ("reduce_kv fwd", "float32"),
+                       ("sra_attention bwd", "float32"), ("dwconv_gelu bwd", "bfloat16"),
+                       ("dwconv_gelu bwd", "float32")}
+
+
+def _key(row):
+    return row.op, str(row.dtype)[6:]
+
+
+def test_ratio_at_the_benchmark_shapes(rows):
+    over = {}
+    for row in rows:
+        if not row.kernels:
+            continue
+        ratio = traffic.summarize(row.fused).ratio
+        bound, _ = RATIO_GAPS.get(_key(row), (traffic.R_LIMIT, ""))
+        assert ratio <= bound, f"{row.op} {row.shape}: traffic x{ratio:.2f} > {bound}"
+        if ratio > traffic.R_LIMIT:
+            over[_key(row)] = max(over.get(_key(row), 0), ratio)
+    assert set(over) == set(RATIO_GAPS), f"now under x{traffic.R_LIMIT}: {set(RATIO_GAPS) - set(over)}"
+
+
+def test_fused_not_slower_than_unfused(rows):
+    slower = {_key(row) for row in rows if row.kernels and
+              traffic.summarize(row.fused).predicted > traffic.summarize(row.unfused).predicted}
+    assert slower == SLOWER_THAN_UNFUSED, (f"newly slower: {slower - SLOWER_THAN_UNFUSED}; "
+                                           f"no longer slower: {SLOWER_THAN_UNFUSED - slower}")
