@@ -2,17 +2,20 @@
 // and reads is described and implemented in patch_embed_core.h (host-tested); this file adds what only
 // a GPU has: the tensor-core product of one K chunk (wmma 16x16x16, fp32 accumulation; bf16 and fp16 on
 // sm_80+, fp32 inputs on CUDA cores in exact fp32), the warp-shuffle LayerNorm reductions, the block's
-// loop with its barriers, and the launcher (persistent grid: blocks per SM from the occupancy API).
+// loop with its barriers, and the launcher (persistent grid: blocks per SM from the occupancy API, queried
+// once per device and kernel, as the shared-memory attribute is set).
 //
 // Pointer arguments: x (B, Cin, H, W) for "nchw" or (B, H, W, Cin) for "nhwc", any strides, x's dtype;
-// weight (Cout, Cin, k, k), any strides, x's dtype or fp32; bias / norm_weight / norm_bias (Cout,),
-// any stride, x's dtype or fp32; out (B*Ho*Wo, Cout) contiguous, x's dtype. Masked: tokens past M,
-// channels past Cout, columns past K, and every input pixel in the padding (never read).
+// the packed weight (Cout, packed_pitch) contiguous, x's dtype (see patch_embed_core.h); bias /
+// norm_weight / norm_bias (Cout,), any stride, x's dtype or fp32; out (B*Ho*Wo, Cout) contiguous, x's
+// dtype. Masked: tokens past M, channels past Cout, columns past K, and every input pixel in the padding
+// (never read).
 //
-// Bytes moved per call (the minimum is x once + out once + the parameters):
+// Bytes moved per call (the minimum is x once + out once + the parameters; the traffic model's count is
+// pvt_fast/kernels/patch_embed_cuda.py, checked against the host test's emulation):
 //   x:   B*Cin*H*W elements, read from DRAM once (overlapping windows, k > s, re-read through L1/L2),
-//   w:   Cout*Cin*k*k elements per block from L2 (once per block with a resident plan, every tile with
-//        a streamed one),
+//   w:   Cout*packed_pitch elements per block from L2 in 16-byte loads (once per block with a resident
+//        plan, every tile with a streamed one), after the op's packing (one read and write of the weight),
 //   out: B*Ho*Wo*Cout elements, written once, never read back.
 // v1 stage 1 (224x224, batch 64, bf16, k=s=4, Cout 64): 19.3 MB in + 25.7 MB out = 45.0 MB.
 // v2 stage 1 (same, k7 s4 p3): the same 45.0 MB. FLOPs: 2 * B*Ho*Wo * Cout * Cin*k*k.
@@ -20,7 +23,10 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "patch_embed_core.h"
 #include "patch_embed_launch.h"
@@ -55,7 +61,7 @@ struct KernelArgs {
   int64_t bias_stride, norm_weight_stride, norm_bias_stride;
   void* out;
   float eps;
-  bool weight_fp32, params_fp32, out_vec4;
+  bool params_fp32, out_vec4;
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -140,16 +146,6 @@ __device__ __forceinline__ void normalize_tile(const Geometry& g, const Plan& pl
   }
 }
 
-template <class T>
-__device__ __forceinline__ void load_weight_tile(const KernelArgs& args, const ColumnTap* col, T* ws, int tid) {
-  if (args.weight_fp32)
-    gather_w<T, float>(args.g, args.plan, col, GlobalReader<float>{static_cast<const float*>(args.weight)}, ws,
-                       tid, args.plan.threads);
-  else
-    gather_w<T, T>(args.g, args.plan, col, GlobalReader<T>{static_cast<const T*>(args.weight)}, ws, tid,
-                   args.plan.threads);
-}
-
 template <class T, int V>
 __global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -163,6 +159,7 @@ __global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs ar
   ColumnTap* col = reinterpret_cast<ColumnTap*>(smem + pl.off_col);
   const int tid = threadIdx.x;
   const GlobalReader<T> x{static_cast<const T*>(args.x)};
+  const GlobalReader<T> w{static_cast<const T*>(args.weight)};
   const GlobalWriter<T> out{static_cast<T*>(args.out), args.out_vec4};
 
   if (args.params_fp32)
@@ -176,8 +173,7 @@ __global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs ar
   const bool resident = pl.chunks == 1;
   if (resident) {
     build_columns(g, pl, 0, col, tid, pl.threads);
-    __syncthreads();
-    load_weight_tile(args, col, ws, tid);
+    gather_w(g, pl, 0, w, ws, tid, pl.threads);
   }
   for (int64_t tile = blockIdx.x; tile < pl.tiles; tile += gridDim.x) {
     const int64_t m0 = tile * pl.bm;
@@ -186,7 +182,7 @@ __global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs ar
       if (!resident) build_columns(g, pl, chunk, col, tid, pl.threads);
       __syncthreads();  // tables written; the previous chunk's product and tile's epilogue are done
       gather_a<T, V>(g, pl, tok, col, x, a, tid, pl.threads);
-      if (!resident) load_weight_tile(args, col, ws, tid);
+      if (!resident) gather_w(g, pl, chunk, w, ws, tid, pl.threads);
       __syncthreads();
       mma_chunk(pl, a, ws, c, chunk == 0, tid);
     }
@@ -195,24 +191,59 @@ __global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs ar
   }
 }
 
-int multiprocessor_count() {
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  return sms;
+// Per device, per kernel instantiation: the opt-in shared memory, raised only when a plan needs more than
+// was set, and the resident blocks for each (threads, shared memory) a plan asks, queried once. Plans have
+// few distinct shapes, so a short list per (device, kernel) is enough.
+struct Residency {
+  int threads, smem, blocks;
+};
+
+struct KernelState {
+  int attribute_bytes = 0;
+  std::vector<Residency> residency;
+};
+
+std::mutex& state_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+template <class Kernel>
+cudaError_t resident_blocks(Kernel kernel, int threads, int smem, int& blocks_out) {
+  static std::map<int, KernelState> by_device;  // one map per kernel instantiation (a template per T, V)
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(state_mutex());
+  KernelState& state = by_device[device];
+  if (smem > state.attribute_bytes) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    state.attribute_bytes = smem;
+  }
+  for (const Residency& r : state.residency)
+    if (r.threads == threads && r.smem == smem) {
+      blocks_out = r.blocks;
+      return cudaSuccess;
+    }
+  int per_sm = 0, sms = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  state.residency.push_back({threads, smem, per_sm * sms});
+  blocks_out = per_sm * sms;
+  return cudaSuccess;
 }
 
 template <class T, int V>
 cudaError_t launch_typed(const LaunchArgs& a, const Plan& pl, cudaStream_t stream) {
   auto kernel = patch_embed_kernel<T, V>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pl.smem_bytes);
+  int blocks = 0;
+  cudaError_t err = resident_blocks(kernel, pl.threads, pl.smem_bytes, blocks);
   if (err != cudaSuccess) return err;
-  int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, pl.threads, pl.smem_bytes);
-  if (err != cudaSuccess) return err;
-  if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  const int64_t resident_blocks = static_cast<int64_t>(per_sm) * multiprocessor_count();
-  const int grid = static_cast<int>(pl.tiles < resident_blocks ? pl.tiles : resident_blocks);
+  const int grid = static_cast<int>(pl.tiles < blocks ? pl.tiles : blocks);
 
   KernelArgs ka{};
   ka.g = a.g;
@@ -227,7 +258,6 @@ cudaError_t launch_typed(const LaunchArgs& a, const Plan& pl, cudaStream_t strea
   ka.norm_bias_stride = a.norm_bias_stride;
   ka.out = a.out;
   ka.eps = a.eps;
-  ka.weight_fp32 = a.weight_fp32;
   ka.params_fp32 = a.params_fp32;
   ka.out_vec4 = a.g.Cout % 4 == 0 && reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(T)) == 0;
   kernel<<<grid, pl.threads, pl.smem_bytes, stream>>>(ka);

@@ -14,11 +14,14 @@
 //        that consecutive kk are consecutive addresses of x in both layouts (K = Cin*k*k),
 //   A[m, kk] = x[b, ci, ho*s - p + kh, wo*s - p + kw], zero outside the image (padding).
 // A block owns bm consecutive tokens and all npad channels (LayerNorm needs the whole row) and walks K
-// in chunks of bk columns: per chunk it writes a column table (x and weight offsets of each kk), gathers
-// the A tile (bm x bk) and the weight tile (npad x bk) into shared memory and multiplies them into the
-// fp32 tile C (bm x npad). When the whole K fits ("resident" plan, one chunk), the weight tile is loaded
-// once per block and the block loops over tiles. The epilogue adds the bias, normalizes each row in fp32
-// (two-pass mean and variance) and stores it in x's dtype.
+// in chunks of bk columns: per chunk it writes a column table (x offsets of each kk), gathers the A tile
+// (bm x bk) and the weight tile (npad x bk) into shared memory and multiplies them into the fp32 tile C
+// (bm x npad). The weight is read from a packed copy the op makes once per call: (Cout, kpad) in x's
+// dtype, row n holding weight[n, tap(kk)] in kk order, zero past K (packed_pitch), so a weight tile is
+// 16-byte loads of contiguous rows whatever the weight's layout or dtype. When the whole K fits
+// ("resident" plan, one chunk), the weight tile is loaded once per block and the block loops over tiles.
+// The epilogue adds the bias, normalizes each row in fp32 (two-pass mean and variance) and stores it in
+// x's dtype.
 #pragma once
 
 #include <cstddef>
@@ -46,21 +49,20 @@ constexpr int kStreamedChunk = 64;             // widest bk when the whole K doe
 constexpr int kResidentSmemBytes = 110 * 1024; // keeps two resident blocks on an SM (228 KB)
 constexpr int kMaxSmemBytes = 160 * 1024;      // under the per-block limit of sm_80 (163 KB) and sm_90
 
-// Shapes and strides of one call. Strides are in elements and indexed by logical dimension (batch,
-// channel, row, column) whatever the memory layout, so any strided x or weight is addressable.
+// Shapes and strides of one call. x's strides are in elements and indexed by logical dimension (batch,
+// channel, row, column) whatever the memory layout, so any strided x is addressable.
 struct Geometry {
   int64_t B, Cin, H, W, Cout;
   int64_t k, s, p;
   int64_t Ho, Wo, M, K;
   Layout layout;
   int64_t xs_b, xs_c, xs_h, xs_w;  // x
-  int64_t ws_o, ws_c, ws_h, ws_w;  // weight (Cout, Cin, k, k)
 };
 
 PE_HD int64_t conv_out_size(int64_t n, int64_t k, int64_t s, int64_t p) { return (n + 2 * p - k) / s + 1; }
 
 inline Geometry make_geometry(int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t k, int64_t s,
-                              int64_t p, Layout layout, const int64_t x_strides[4], const int64_t w_strides[4]) {
+                              int64_t p, Layout layout, const int64_t x_strides[4]) {
   Geometry g{};
   g.B = B; g.Cin = Cin; g.H = H; g.W = W; g.Cout = Cout;
   g.k = k; g.s = s; g.p = p;
@@ -70,9 +72,19 @@ inline Geometry make_geometry(int64_t B, int64_t Cin, int64_t H, int64_t W, int6
   g.K = Cin * k * k;
   g.layout = layout;
   g.xs_b = x_strides[0]; g.xs_c = x_strides[1]; g.xs_h = x_strides[2]; g.xs_w = x_strides[3];
-  g.ws_o = w_strides[0]; g.ws_c = w_strides[1]; g.ws_h = w_strides[2]; g.ws_w = w_strides[3];
   return g;
 }
+
+// Row pitch, in elements, of the packed weight (Cout, kpad): K rounded up to 16, so every row starts
+// 32-byte aligned (16 elements of 2 or 4 bytes) and a chunk's columns are whole 16-byte packs.
+PE_HD int64_t packed_pitch(const Geometry& g) { return (g.K + 15) / 16 * 16; }
+
+// The weight element packed column kk of row n holds: weight[n, ci, kh, kw] with (ci, kh, kw) in the
+// layout's kk order ((ci, kh, kw) for "nchw", (kh, kw, ci) for "nhwc"). The op packs with the same order
+// (an OIHW reshape, or an OHWI permute); the host test packs with this function.
+struct WeightTap {
+  int64_t ci, kh, kw;
+};
 
 // How a block is organised; computed on the host, passed to the kernel by value.
 struct Plan {
@@ -96,7 +108,6 @@ struct TokenOrigin {
 
 struct ColumnTap {
   int64_t x_delta;  // x offset of tap (ci, kh, kw) relative to a token's x_base
-  int64_t w_delta;  // weight offset of (0, ci, kh, kw)
   int32_t dh, dw;   // kh, kw (kAbsent when kk >= K)
 };
 
@@ -221,29 +232,34 @@ PE_HD TokenOrigin token_origin(const Geometry& g, int64_t m) {
   return t;
 }
 
+// (ci, kh, kw) of column kk < K in the layout's order (see the file comment).
+PE_HD WeightTap weight_tap(const Geometry& g, int64_t kk) {
+  WeightTap t;
+  if (g.layout == Layout::kNCHW) {
+    t.ci = kk / (g.k * g.k);
+    const int64_t r = kk - t.ci * g.k * g.k;
+    t.kh = r / g.k;
+    t.kw = r - t.kh * g.k;
+  } else {
+    const int64_t tap = kk / g.Cin;
+    t.ci = kk - tap * g.Cin;
+    t.kh = tap / g.k;
+    t.kw = tap - t.kh * g.k;
+  }
+  return t;
+}
+
 PE_HD ColumnTap column_tap(const Geometry& g, int64_t kk) {
   ColumnTap c;
   if (kk >= g.K) {
-    c.x_delta = c.w_delta = 0;
+    c.x_delta = 0;
     c.dh = c.dw = kAbsent;
     return c;
   }
-  int64_t ci, kh, kw;
-  if (g.layout == Layout::kNCHW) {
-    ci = kk / (g.k * g.k);
-    const int64_t r = kk - ci * g.k * g.k;
-    kh = r / g.k;
-    kw = r - kh * g.k;
-  } else {
-    const int64_t tap = kk / g.Cin;
-    ci = kk - tap * g.Cin;
-    kh = tap / g.k;
-    kw = tap - kh * g.k;
-  }
-  c.x_delta = ci * g.xs_c + kh * g.xs_h + kw * g.xs_w;
-  c.w_delta = ci * g.ws_c + kh * g.ws_h + kw * g.ws_w;
-  c.dh = static_cast<int32_t>(kh);
-  c.dw = static_cast<int32_t>(kw);
+  const WeightTap t = weight_tap(g, kk);
+  c.x_delta = t.ci * g.xs_c + t.kh * g.xs_h + t.kw * g.xs_w;
+  c.dh = static_cast<int32_t>(t.kh);
+  c.dw = static_cast<int32_t>(t.kw);
   return c;
 }
 
@@ -365,32 +381,36 @@ PE_HD void gather_a(const Geometry& g, const Plan& pl, const TokenOrigin* tok, c
   }
 }
 
-// The weight tile (npad x bk, pitch ldw): row n, column c holds weight[n, tap(c)] in the compute type
-// T, zero past Cout and past K. WT is the weight's storage type (T, or float under autocast).
-template <class T, class WT, class WReader>
-PE_HD void gather_w(const Geometry& g, const Plan& pl, const ColumnTap* col, const WReader& w, T* ws, int tid,
-                    int nthreads) {
+// The weight tile of chunk `chunk` (npad x bk, pitch ldw) from the packed weight (Cout, pitch, see
+// packed_pitch): row n, column c holds packed[n, chunk * bk + c], zero past Cout and past the pitch, in
+// 16-byte packs (bk, the pitch and ldw are multiples of 16 bytes' worth of elements). Consecutive threads
+// take consecutive packs of a row: coalesced.
+template <class T, class WReader>
+PE_HD void gather_w(const Geometry& g, const Plan& pl, int chunk, const WReader& w, T* ws, int tid, int nthreads) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
   constexpr int kBatch = kWeightGatherBatch;
-  const int total = pl.npad * pl.bk;
+  const int64_t pitch = packed_pitch(g);
+  const int64_t k0 = static_cast<int64_t>(chunk) * pl.bk;
+  const int packs = pl.bk / V;
+  const int total = pl.npad * packs;
+  Pack<T, V> v[kBatch];
   for (int e0 = tid; e0 < total; e0 += kBatch * nthreads) {
-    WT raw[kBatch];
     int dst[kBatch];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int e = e0 + b * nthreads;
       dst[b] = -1;
-      raw[b] = ElemTraits<WT>::zero();
+      v[b] = zero_pack<T, V>();
       if (e < total) {
-        const int n = e / pl.bk;
-        const int c = e - n * pl.bk;
-        const ColumnTap& tap = col[c];
-        dst[b] = n * pl.ldw + c;
-        if (n < g.Cout && tap.dh != kAbsent) raw[b] = w.load(n * g.ws_o + tap.w_delta);
+        const int n = e / packs;
+        const int cv = e - n * packs;
+        dst[b] = n * pl.ldw + cv * V;
+        if (n < g.Cout && k0 + cv * V < pitch) v[b] = w.template load_pack<V>(n * pitch + k0 + cv * V);
       }
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b)
-      if (dst[b] >= 0) ws[dst[b]] = ElemTraits<T>::from_float(ElemTraits<WT>::to_float(raw[b]));
+      if (dst[b] >= 0) *reinterpret_cast<Pack<T, V>*>(ws + dst[b]) = v[b];
   }
 }
 

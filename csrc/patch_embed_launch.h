@@ -16,8 +16,7 @@ struct LaunchArgs {
   Geometry g;
   DType dtype;  // of x and out
   const void* x;
-  const void* weight;
-  bool weight_fp32;  // else x's dtype
+  const void* weight;  // packed: (Cout, packed_pitch(g)) contiguous, x's dtype
   const void* bias;
   const void* norm_weight;
   const void* norm_bias;

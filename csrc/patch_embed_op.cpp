@@ -88,8 +88,18 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::T
                     w + 2 * padding, ") must be at least the kernel size ", k);
 
   const int64_t x_strides[4] = {x.stride(0), x.stride(c_dim), x.stride(h_dim), x.stride(w_dim)};
-  const int64_t w_strides[4] = {weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3)};
-  return make_geometry(x.size(0), cin, h, w, cout, k, stride, padding, layout, x_strides, w_strides);
+  return make_geometry(x.size(0), cin, h, w, cout, k, stride, padding, layout, x_strides);
+}
+
+// The weight as the kernel reads it (see patch_embed_core.h): (Cout, packed_pitch) contiguous in x's dtype,
+// columns in the layout's kk order ((ci, kh, kw) is OIHW's; (kh, kw, ci) is OHWI's), zero past K. One
+// copy per call, from any layout and from fp32 (rounded to nearest even, as autocast's cast).
+at::Tensor pack_weight(const Geometry& g, const at::Tensor& weight, const at::Tensor& x) {
+  const at::Tensor ordered = g.layout == Layout::kNCHW ? weight : weight.permute({0, 2, 3, 1});
+  at::Tensor packed = at::empty({g.Cout, packed_pitch(g)}, x.options());
+  packed.narrow(1, 0, g.K).view({g.Cout, ordered.size(1), ordered.size(2), ordered.size(3)}).copy_(ordered);
+  if (packed_pitch(g) > g.K) packed.narrow(1, g.K, packed_pitch(g) - g.K).zero_();
+  return packed;
 }
 
 void run(const Geometry& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -99,8 +109,8 @@ void run(const Geometry& g, const at::Tensor& x, const at::Tensor& weight, const
   a.g = g;
   a.dtype = dtype_of(x);
   a.x = x.data_ptr();
-  a.weight = weight.data_ptr();
-  a.weight_fp32 = weight.scalar_type() == at::kFloat;
+  const at::Tensor packed = pack_weight(g, weight, x);
+  a.weight = packed.data_ptr();
   a.bias = bias.data_ptr();
   a.norm_weight = norm_weight.data_ptr();
   a.norm_bias = norm_bias.data_ptr();

@@ -31,12 +31,15 @@ Precision: x, dy and g are read in their dtype (fp32, fp16, bf16) and every prod
 weight and bias are read in their own dtype and converted to fp32 in registers (under autocast the conv
 parameters stay fp32 while x is bf16: they are not rounded to bf16 first).
 """
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from pvt_fast.kernels._aot import AotSpec
+from pvt_fast.kernels._common import TRITON_TYPES, unit_last_stride
+from pvt_fast.kernels._counts import Access, Launch, OpCost, pytorch_kernel
 
 # Rows per program: the stage heights at 224 (56, 28, 14, 7) are multiples of 7, so no row block is partial.
 ROWS = 7
@@ -47,11 +50,11 @@ _NARROW_TILE = (8, 128)
 # 8 warps give each thread 4 elements of a tile row (4 channels of one token: 8-byte loads in fp16/bf16,
 # 16-byte in fp32). A thread keeps 9 fp32 taps per channel it owns, the rolling output rows, its loaded
 # rows (ptxas hoists the unrolled loads: they are the memory-level parallelism) and, in the dx/d weight
-# kernel, 9 d-weight accumulators per element. ptxas (pvt_fast.kernels.report): forward and g kernel <= 128
-# registers (two programs per SM), dx/d weight kernel 150-250 (one); no spills.
+# kernel, 9 d-weight accumulators per element: that kernel takes tiles half as wide (2 elements a thread),
+# which keeps it at <= 128 registers like the others (two programs per SM; at full width it needed 150-250,
+# one program per SM). No spills (pvt_fast.kernels.report).
 _NUM_WARPS = 8
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -313,18 +316,15 @@ def _dwconv_bwd_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def _tile(W):
-    """(BLOCK_W, BLOCK_C) for an image ``W`` columns wide."""
-    return _NARROW_TILE if W <= _NARROW_TILE[0] else _WIDE_TILE
+def _tile(W, dx_dw=False):
+    """(BLOCK_W, BLOCK_C) for an image ``W`` columns wide; the dx/d weight kernel's is half as wide."""
+    block_w, block_c = _NARROW_TILE if W <= _NARROW_TILE[0] else _WIDE_TILE
+    return (block_w // 2 if dx_dw else block_w), block_c
 
 
 def _grid(B, H, W, C, tile):
     block_w, block_c = tile
     return (B * triton.cdiv(H, ROWS) * triton.cdiv(W, block_w), triton.cdiv(C, block_c))
-
-
-def _channel_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def dwconv_gelu_fwd(x, H, W, weight, bias, relu_prologue, out=None):
@@ -334,7 +334,7 @@ def dwconv_gelu_fwd(x, H, W, weight, bias, relu_prologue, out=None):
     ``weight`` ``(C, 1, 3, 3)`` and ``bias`` ``(C,)`` may have any float dtype (read as fp32). Shapes,
     dtypes and devices are checked by :mod:`pvt_fast.ops.mlp_dwconv`, not here.
     """
-    x = _channel_contiguous(x)
+    x = unit_last_stride(x)
     B, N, C = x.shape
     if out is None:
         out = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
@@ -359,8 +359,8 @@ def dwconv_gelu_bwd(grad_out, x, H, W, weight, bias, relu_prologue, grad_x=None)
     ``(P, C)`` for d bias, with P = the grids' axis 0 (``B * cdiv(H, ROWS) * cdiv(W, BLOCK_W)``); ``torch.sum``
     reduces them over P (deterministic).
     """
-    x = _channel_contiguous(x)
-    dy = _channel_contiguous(grad_out)
+    x = unit_last_stride(x)
+    dy = unit_last_stride(grad_out)
     B, N, C = x.shape
     if grad_x is None:
         grad_x = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
@@ -368,38 +368,97 @@ def dwconv_gelu_bwd(grad_out, x, H, W, weight, bias, relu_prologue, grad_x=None)
         grad_x.zero_()
         return grad_x, weight.new_zeros(weight.shape), bias.new_zeros(bias.shape)
     weight = weight.contiguous()
-    tile = _tile(W)
-    grid = _grid(B, H, W, C, tile)
+    tile, dx_tile = _tile(W), _tile(W, dx_dw=True)
+    grid, dx_grid = _grid(B, H, W, C, tile), _grid(B, H, W, C, dx_tile)
     g = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     dbias_part = torch.empty((grid[0], C), dtype=torch.float32, device=x.device)
-    dw_part = torch.empty((grid[0], 9, C), dtype=torch.float32, device=x.device)
-    meta = dict(RELU_PROLOGUE=bool(relu_prologue), ROWS=ROWS, BLOCK_W=tile[0], BLOCK_C=tile[1])
+    dw_part = torch.empty((dx_grid[0], 9, C), dtype=torch.float32, device=x.device)
     _dwconv_gelu_bwd_pre_kernel[grid](
         x, weight, bias.contiguous(), dy, g, dbias_part,
         H, W, C,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), g.stride(0), g.stride(1),
-        **meta, num_warps=_NUM_WARPS,
+        RELU_PROLOGUE=bool(relu_prologue), ROWS=ROWS, BLOCK_W=tile[0], BLOCK_C=tile[1], num_warps=_NUM_WARPS,
     )
-    _dwconv_bwd_kernel[grid](
+    _dwconv_bwd_kernel[dx_grid](
         x, weight, g, grad_x, dw_part,
         H, W, C,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), grad_x.stride(0), grad_x.stride(1),
-        **meta, num_warps=_NUM_WARPS,
+        RELU_PROLOGUE=bool(relu_prologue), ROWS=ROWS, BLOCK_W=dx_tile[0], BLOCK_C=dx_tile[1], num_warps=_NUM_WARPS,
     )
     grad_weight = dw_part.sum(0).t().contiguous().view(C, 1, 3, 3).to(weight.dtype)
     grad_bias = dbias_part.sum(0).to(bias.dtype)
     return grad_x, grad_weight, grad_bias
 
 
-def dwconv_gelu_ref(x, H, W, weight, bias, relu_prologue):
-    """The official Mlp middle in plain PyTorch, in x's dtype (weight and bias cast to it): tokens ->
-    NCHW -> [ReLU] -> depthwise 3x3 conv (padding 1) + bias -> tokens -> exact GELU."""
-    if relu_prologue:
-        x = F.relu(x)
-    B, N, C = x.shape
-    grid = x.transpose(1, 2).reshape(B, C, H, W)
-    y = F.conv2d(grid, weight.to(x.dtype), bias.to(x.dtype), padding=1, groups=C)
-    return F.gelu(y.flatten(2).transpose(1, 2))
+# ---------------------------------------------------------------------------------------------- traffic
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Batch, grid height and width, hidden channels and the tokens' dtype (parameters in the same dtype)."""
+
+    B: int
+    H: int
+    W: int
+    C: int
+    dtype: torch.dtype
+
+    @property
+    def elem(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def _walk_loads(p, tile):
+    """Elements one walk over the image (9 input rows per program, each at three column shifts) loads, summed
+    over every program: only rows inside the image and columns whose shifted index is inside it."""
+    block_w, _ = tile
+    col_blocks = triton.cdiv(p.W, block_w)
+    per_row = min(p.W, col_blocks * block_w - 1) + p.W + (p.W - 1)  # left, center, right shifts
+    rows = sum(min(p.H, r0 + ROWS + 1) - max(0, r0 - 1) for r0 in range(0, p.H, ROWS))
+    return p.B * p.C * per_row * rows
+
+
+def _programs(p, tile):
+    grid = _grid(p.B, p.H, p.W, p.C, tile)
+    return grid[0], grid[0] * grid[1]
+
+
+def forward_cost(p):
+    """The forward launch as :mod:`pvt_fast.kernels.traffic` counts it (parameters in the tokens' dtype)."""
+    tile = _tile(p.W)
+    spatial, programs = _programs(p, tile)
+    e, t = p.elem, p.B * p.H * p.W * p.C * p.elem
+    # Per tile position: 69 FMAs over the walk's 9 steps (kernel rows 0, 1, 2 of the rolling output rows).
+    launch = Launch("dwconv_gelu_fwd", programs, (
+        Access("x", t, loaded=_walk_loads(p, tile) * e), Access("weight", 9 * p.C * e, loaded=spatial * 9 * p.C * e),
+        Access("bias", p.C * e, loaded=spatial * p.C * e), Access("y", t, stored=t),
+    ), flops=programs * tile[0] * tile[1] * 2 * 69)
+    return OpCost((launch,), 2 * t + 10 * p.C * e, 18 * p.B * p.H * p.W * p.C)
+
+
+def backward_cost(p):
+    """The two backward launches and the sums of their partial results."""
+    tile, dx_tile = _tile(p.W), _tile(p.W, dx_dw=True)
+    spatial, programs = _programs(p, tile)
+    dx_spatial, dx_programs = _programs(p, dx_tile)
+    e, t, walk = p.elem, p.B * p.H * p.W * p.C * p.elem, _walk_loads(p, tile) * p.elem
+    dx_walk = _walk_loads(p, dx_tile) * e
+    launches = (
+        Launch("dwconv_gelu_bwd_pre", programs, (
+            Access("x", t, loaded=walk), Access("weight", 9 * p.C * e, loaded=spatial * 9 * p.C * e),
+            Access("bias", p.C * e, loaded=spatial * p.C * e),
+            Access("grad_out", t, loaded=t), Access("g", t, stored=t),
+            Access("dbias_part", 4 * spatial * p.C, stored=4 * spatial * p.C),
+        ), flops=programs * tile[0] * tile[1] * 2 * 69),
+        Launch("dwconv_bwd", dx_programs, (
+            Access("g", t, loaded=dx_walk), Access("x", t, loaded=dx_walk),
+            Access("weight", 9 * p.C * e, loaded=dx_spatial * 9 * p.C * e), Access("dx", t, stored=t),
+            Access("dw_part", 36 * dx_spatial * p.C, stored=36 * dx_spatial * p.C),
+        ), flops=dx_programs * dx_tile[0] * dx_tile[1] * 2 * (69 + 63)),
+        pytorch_kernel("dw_part.sum(0)", {"dw_part": 36 * dx_spatial * p.C}, {"grad_weight": 36 * p.C}),
+        pytorch_kernel("dbias_part.sum(0)", {"dbias_part": 4 * spatial * p.C}, {"grad_bias": 4 * p.C}),
+    )
+    return OpCost(launches, 3 * t + 10 * p.C * e + 10 * p.C * e, 36 * p.B * p.H * p.W * p.C)
 
 
 # ------------------------------------------------------------------------------------ ahead of time
@@ -424,18 +483,19 @@ def aot_specs():
     )
     for x_dtype in _DTYPES:
         for param_dtype in dict.fromkeys((x_dtype, torch.float32)):
-            for tile in (_WIDE_TILE, _NARROW_TILE):
+            for width in (_WIDE_TILE[0] + 1, _NARROW_TILE[0]):  # an image width that picks each tile
                 for relu in (False, True):
                     for label, fn, act_ptrs, param_ptrs, fp32_ptrs, strides in kernels:
+                        tile = _tile(width, dx_dw=fn is _dwconv_bwd_kernel)
                         constexprs = dict(RELU_PROLOGUE=relu, ROWS=ROWS, BLOCK_W=tile[0], BLOCK_C=tile[1])
                         types = dict.fromkeys(("H", "W", "C") + strides, "i32")
-                        types.update(dict.fromkeys(act_ptrs, "*" + _TRITON_DTYPE[x_dtype]))
-                        types.update(dict.fromkeys(param_ptrs, "*" + _TRITON_DTYPE[param_dtype]))
+                        types.update(dict.fromkeys(act_ptrs, "*" + TRITON_TYPES[x_dtype]))
+                        types.update(dict.fromkeys(param_ptrs, "*" + TRITON_TYPES[param_dtype]))
                         types.update(dict.fromkeys(fp32_ptrs, "*fp32"))
                         types.update(dict.fromkeys(constexprs, "constexpr"))
                         signature = {name: types[name] for name in fn.arg_names}
                         specs.append(AotSpec(
-                            name=f"{label} x={_TRITON_DTYPE[x_dtype]} w={_TRITON_DTYPE[param_dtype]} "
+                            name=f"{label} x={TRITON_TYPES[x_dtype]} w={TRITON_TYPES[param_dtype]} "
                                  f"W{tile[0]} C{tile[1]} relu={int(relu)}",
                             fn=fn, signature=signature, constexprs=constexprs, num_warps=_NUM_WARPS,
                         ))

@@ -1,6 +1,10 @@
 """Ahead-of-time compile report: every Triton kernel configuration of pvt_fast.kernels, for sm_80 and sm_90.
 
     python -m pvt_fast.kernels.report [--jobs N] [--filter TEXT]
+    python -m pvt_fast.kernels.report --traffic [--filter TEXT]
+
+``--traffic`` prints the traffic and roofline model of every fused kernel at the benchmark shapes instead
+(:mod:`pvt_fast.kernels.traffic`; nothing is compiled).
 
 Imports every module of ``pvt_fast.kernels`` that defines ``aot_specs()``, compiles each spec with
 ``triton.compile`` for ``GPUTarget("cuda", 80, 32)`` and ``("cuda", 90, 32)`` (no GPU needed), runs the
@@ -71,7 +75,7 @@ def kernel_modules():
 
     names = []
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name.startswith("_") or info.name == "report":
+        if info.name.startswith("_") or info.name in ("report", "traffic"):
             continue
         if hasattr(importlib.import_module(f"pvt_fast.kernels.{info.name}"), "aot_specs"):
             names.append(info.name)
@@ -185,8 +189,15 @@ def format_table(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
-    parser.add_argument("--filter", default="", help="only specs whose name contains this text")
+    parser.add_argument("--filter", default="", help="only specs (or, with --traffic, rows) whose name contains this text")
+    parser.add_argument("--traffic", action="store_true", help="print the traffic and roofline model instead")
     args = parser.parse_args(argv)
+    if args.traffic:
+        from pvt_fast.kernels import traffic
+
+        rows = [r for r in traffic.benchmark_rows() if args.filter in f"{r.op} {r.shape}"]
+        print(traffic.format_rows(rows))
+        return 0
     _check_not_interpreted()
     start = time.perf_counter()
     results = compile_all(args.jobs, args.filter)

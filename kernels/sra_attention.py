@@ -1,4 +1,4 @@
-"""Spatial-reduction attention: fused Triton forward and backward, and the plain-PyTorch reference.
+"""Spatial-reduction attention: fused Triton forward and backward (reference: ``pvt_fast.ops.eager.attention_reference``).
 
 For every batch ``b`` and head ``h`` (``d = C // heads`` columns wide)::
 
@@ -13,29 +13,30 @@ The gradient ``dkv`` has the layout of ``kv``; ``dq`` that of ``q``.
 
 The forward is flash attention: each program owns ``BLOCK_N`` queries of one (b, h), keeps them in
 registers and streams K/V in ``BLOCK_M``-key blocks with an online softmax in base 2 (``scale * log2 e``
-folded into one multiply). When M fits one block (PVT at 224: M = 49) the loop runs once, so K/V are
-read once per program. The backward is flash attention's: a preprocess computes ``delta = rowsum(dO * O)``,
-one kernel walks the queries for each key block (dK, dV), one walks the keys for each query block (dQ).
-Both recompute ``P = exp(S - lse)``; nothing is accumulated with atomics, so results are bitwise
-reproducible. When few key blocks exist (small M, large N) the dK/dV kernel splits the queries into
-``num_splits`` ranges that write fp32 partial sums, added in a fixed order afterwards.
+folded into one multiply). Every query block reads all of its head's K/V, so where many key blocks exist
+(M > 64: 1024 x 1024 inputs) the plan takes 256-query blocks to halve those reads, and where 128-query
+blocks would leave SMs idle (batch 1, few queries) 64-query blocks.
+
+The backward: when every key fits one block (M <= 64, every PVT stage at 224 x 224) one kernel does it
+all, five dots per query block and no recomputation: each program walks a range of queries of one (b, h),
+computes delta = rowsum(dO * O), P, dP, dS, writes dQ (complete, all keys are in the block) and sums
+dK, dV over its range. Otherwise flash attention's three kernels: delta, one that walks the queries for
+each key block (dK, dV; 128-key blocks past 64 keys, so q and dO are read once per 128 keys) and one that
+walks the keys for each query block (dQ), both recomputing ``P = exp(S - lse)``. Query ranges summed by
+different programs write fp32 partial sums, added in a fixed order afterwards: nothing is accumulated with
+atomics, so results are bitwise reproducible.
 
 Head dims up to 128: the head-dim block is the next power of two >= 32, masked beyond d. The block sizes
-come from one table per kernel (``_CONFIGS``) indexed by what tl.dot multiplies (fp16/bf16, tf32, or
-ieee fp32) and the head-dim block, each entry free of register spills on sm_80 and sm_90 (checked by
-``python -m pvt_fast.kernels.report``); M <= 16 uses 16-key blocks. The backward's largest tiles re-read
-their loop-invariant operand from L1/L2 every iteration (``RELOAD``) where holding it would spill.
+come from one table (``_CONFIGS``) indexed by kernel, what tl.dot multiplies (fp16/bf16, tf32, or ieee
+fp32) and the head-dim block, each entry free of register spills on sm_80 and sm_90 (checked by
+``python -m pvt_fast.kernels.report``); M <= 16 uses 16-key blocks. Some backward tiles re-read their
+loop-invariant operand from L1/L2 every iteration (``RELOAD``) where holding it would spill.
 
-FLOPs (multiply-add = 2): forward ``4 B heads N M d``; backward ``10 B heads N M d`` counted the usual
-way (S recomputed once, dP, dV, dK, dQ), of which these kernels execute ``14 B heads N M d`` because the
-dQ kernel recomputes S and dP instead of storing them.
-
-Bytes from HBM, e bytes per element (K/V re-reads of later programs come from L2, which holds them when M
-is small): forward reads ``e (B N C + 2 B M C)``, writes ``e B N C + 4 B heads N`` (o, lse). Backward
-reads q, dO, o, kv and lse (``e (3 B N C + 2 B M C) + 4 B heads N``), writes and re-reads delta twice
-(``12 B heads N``), writes ``e (B N C + 2 B M C)`` (dq, dkv), plus ``8 splits B M C`` written and read
-for split dK/dV partial sums; q and dO are read once more per key block by the dK/dV kernel, from L2
-when M is small and from HBM otherwise (``e 2 B N C`` per key block).
+FLOPs (multiply-add = 2): the op counts what PyTorch's autograd of the reference counts, forward
+``4 B heads N M d``, backward ``8 B heads N M d`` (dP, dV, dK, dQ). The kernels execute 10 (one-block:
+S is recomputed) or 14 (three kernels: the dQ kernel recomputes S and dP) per ``B heads N M d``, plus the
+padding of partial blocks. What every launch reads and writes is :func:`forward_cost` and
+:func:`backward_cost` (checked against the bytes the interpreter moves, ``tests/test_traffic.py``).
 """
 import math
 from dataclasses import dataclass, replace
@@ -45,6 +46,8 @@ import triton
 import triton.language as tl
 
 from pvt_fast.kernels._aot import AotSpec
+from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost, pytorch_kernel, reuse_set
+from pvt_fast.kernels._common import TRITON_TYPES, dot_inputs, input_precision, num_sms, unit_last_stride
 
 LOG2E = math.log2(math.e)
 
@@ -228,8 +231,12 @@ def _sra_attention_bwd_dkdv_kernel(
     v_block = k_block + heads * HEAD_DIM
     kv_offs = key_rows[:, None] * stride_kvm + cols[None, :]
     kv_mask = key_ok[:, None] & col_ok[None, :]
-    k = tl.load(k_block + kv_offs, mask=kv_mask, other=0.0)  # dead (and removed) with RELOAD
-    v = tl.load(v_block + kv_offs, mask=kv_mask, other=0.0)
+    if RELOAD:  # _dkdv_query_block reads the block itself; these placeholders are never read
+        k = tl.zeros((BLOCK_M, BLOCK_D), kv_ptr.dtype.element_ty)
+        v = k
+    else:
+        k = tl.load(k_block + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_block + kv_offs, mask=kv_mask, other=0.0)
 
     q_base = q_ptr + b * stride_qb + h * HEAD_DIM
     do_base = do_ptr + b * stride_dob + h * HEAD_DIM
@@ -308,8 +315,12 @@ def _sra_attention_bwd_dq_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     q_block = q_ptr + b * stride_qb + h * HEAD_DIM + first_row * stride_qn
     do_block = do_ptr + b * stride_dob + h * HEAD_DIM + first_row * stride_don
-    q = tl.load(q_block + row_idx[:, None] * stride_qn + cols[None, :], mask=mask, other=0.0)  # dead with RELOAD
-    do = tl.load(do_block + row_idx[:, None] * stride_don + cols[None, :], mask=mask, other=0.0)
+    if RELOAD:  # _dq_key_block reads the rows itself; these placeholders are never read
+        q = tl.zeros((BLOCK_N, BLOCK_D), q_ptr.dtype.element_ty)
+        do = q
+    else:
+        q = tl.load(q_block + row_idx[:, None] * stride_qn + cols[None, :], mask=mask, other=0.0)
+        do = tl.load(do_block + row_idx[:, None] * stride_don + cols[None, :], mask=mask, other=0.0)
     lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
     k_base = kv_ptr + b * stride_kvb + h * HEAD_DIM
@@ -329,6 +340,78 @@ def _sra_attention_bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _sra_attention_bwd_one_block_kernel(
+    q_ptr, kv_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dkv_ptr, scale, qk_scale_log2, N, M, heads, rows_per_split,
+    stride_qb, stride_qn, stride_kvb, stride_kvm, stride_ob, stride_on, stride_dob, stride_don,
+    stride_dqb, stride_dqn, stride_dkvs, stride_dkvb, stride_dkvm,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    RELOAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The whole backward when every key fits one block (M <= BLOCK_M; PVT at 224 has M = 49): dQ of queries
+    [pid1 * rows_per_split, +rows_per_split) of (b, h) = divmod(pid0, heads), and their contribution to dK, dV.
+
+    Per query block: delta = rowsum(dO * O), S = scale Q K^T, P = exp(S - lse), dV += P^T dO, dP = dO V^T,
+    dS = P * (dP - delta), dQ = scale dS K (complete: all keys are here), dK += scale dS^T Q. Five dots per
+    block, no recomputation, and q, dO, O are read once. q_ptr, o_ptr, do_ptr, dq_ptr: (B, N, heads*HEAD_DIM)
+    with the given strides (last 1); kv_ptr: (B, M, 2*heads*HEAD_DIM); lse_ptr: (B, heads, N) fp32;
+    dkv_ptr: (splits, B, M, 2*heads*HEAD_DIM), the kv gradient itself with one split, else fp32 partial sums.
+    Masked: query rows outside the range (q = dO = O = 0 and lse = +inf, so their P row is 0; not stored),
+    keys >= M (P forced to 0: a padded key scores 0, whose exp can overflow), columns >= HEAD_DIM.
+    RELOAD reads K and V again for every query block (from L1/L2) instead of holding them in registers.
+    """
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1).to(tl.int64)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    keys = tl.arange(0, BLOCK_M)
+    key_ok = keys < M
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    kv_mask = key_ok[:, None] & col_ok[None, :]
+    k_base = kv_ptr + b * stride_kvb + h * HEAD_DIM
+    kv_offs = keys.to(tl.int64)[:, None] * stride_kvm + cols[None, :]
+    if not RELOAD:
+        k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(k_base + heads * HEAD_DIM + kv_offs, mask=kv_mask, other=0.0)
+
+    q_base = q_ptr + b * stride_qb + h * HEAD_DIM
+    o_base = o_ptr + b * stride_ob + h * HEAD_DIM
+    do_base = do_ptr + b * stride_dob + h * HEAD_DIM
+    dq_base = dq_ptr + b * stride_dqb + h * HEAD_DIM
+    lse_base = lse_ptr + pid_bh.to(tl.int64) * N
+    dk = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    row_begin = pid_split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, N)
+    for row_start in range(row_begin, row_end, BLOCK_N):
+        if RELOAD:
+            k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(k_base + heads * HEAD_DIM + kv_offs, mask=kv_mask, other=0.0)
+        rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn + cols[None, :], mask=mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don + cols[None, :], mask=mask, other=0.0)
+        o = tl.load(o_base + rows[:, None] * stride_on + cols[None, :], mask=mask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+        p = tl.where(key_ok[None, :], tl.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION) * scale
+        tl.store(dq_base + rows[:, None] * stride_dqn + cols[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+
+    dk_base = dkv_ptr + pid_split * stride_dkvs + b * stride_dkvb + h * HEAD_DIM
+    dkv_offs = keys.to(tl.int64)[:, None] * stride_dkvm + cols[None, :]
+    out_ty = dkv_ptr.dtype.element_ty
+    tl.store(dk_base + dkv_offs, (dk * scale).to(out_ty), mask=kv_mask)
+    tl.store(dk_base + heads * HEAD_DIM + dkv_offs, dv.to(out_ty), mask=kv_mask)
+
+
 # Launch configurations ------------------------------------------------------------------------------
 
 
@@ -341,7 +424,8 @@ class _Config:
     num_stages: int = 2
 
 
-# Every entry compiles without register spills for sm_80 and sm_90 (python -m pvt_fast.kernels.report).
+# Every entry compiles without register spills for sm_80 and sm_90 with triton 3.6 and 3.8
+# (python -m pvt_fast.kernels.report).
 # On sm_80 the dots chained through the softmax put all warps along the rows of a block, 16 rows each;
 # "ieee" fp32 dots run on the FMA units, whose operand layout needs 16 x 16 tiles. fp32 with a 128-wide
 # head block takes the ieee kernels even when tf32 is allowed: no tf32 tiling of it stays in registers.
@@ -357,13 +441,13 @@ _CONFIGS = {
     ("fwd", "ieee", 128): _Config(16, 16, 8),
     ("dkdv", "16-bit", 32): _Config(64, 64, 4),
     ("dkdv", "16-bit", 64): _Config(32, 64, 4),
-    ("dkdv", "16-bit", 128): _Config(16, 64, 4, reload=True),
+    ("dkdv", "16-bit", 128): _Config(16, 64, 8, reload=True),
     ("dkdv", "tf32", 32): _Config(32, 64, 4),
     ("dkdv", "tf32", 64): _Config(32, 32, 2, reload=True),
     ("dkdv", "ieee", 32): _Config(16, 16, 4),
     ("dkdv", "ieee", 64): _Config(16, 16, 8),
     ("dkdv", "ieee", 128): _Config(16, 16, 4, reload=True),
-    ("dq", "16-bit", 32): _Config(128, 64, 8),
+    ("dq", "16-bit", 32): _Config(128, 32, 8),
     ("dq", "16-bit", 64): _Config(128, 64, 8),
     ("dq", "16-bit", 128): _Config(128, 32, 8, reload=True),
     ("dq", "tf32", 32): _Config(64, 32, 4),
@@ -371,7 +455,30 @@ _CONFIGS = {
     ("dq", "ieee", 32): _Config(16, 16, 4),
     ("dq", "ieee", 64): _Config(16, 16, 8),
     ("dq", "ieee", 128): _Config(16, 16, 4, reload=True),
+    # Variants the plans pick by shape (16-bit dots): 256-query blocks where many key blocks make the K/V reads
+    # of every query block add up ("wide"), 64-query blocks where 128 would leave SMs idle ("narrow"),
+    # 128-key blocks for dK/dV over many keys (q and dO are read once per key block).
+    ("fwd_wide", "16-bit", 32): _Config(256, 64, 8),
+    ("fwd_wide", "16-bit", 64): _Config(256, 32, 8),
+    ("fwd_narrow", "16-bit", 32): _Config(64, 64, 4),
+    ("fwd_narrow", "16-bit", 64): _Config(64, 64, 4),
+    ("dq_narrow", "16-bit", 32): _Config(64, 32, 4),
+    ("dq_narrow", "16-bit", 64): _Config(64, 64, 4),
+    ("dkdv_wide", "16-bit", 32): _Config(32, 128, 8),
+    ("dkdv_wide", "16-bit", 64): _Config(32, 128, 8),
+    # one-block backward (M <= 64): no ieee entry, its 16 x 16 FMA tiles hold 16 keys
+    # (one pipeline stage: sm_80's mma.sync operands of five dots fill the registers)
+    ("one", "16-bit", 32): _Config(32, 64, 4, num_stages=1),
+    ("one", "16-bit", 64): _Config(32, 64, 4, num_stages=1),
+    ("one", "16-bit", 128): _Config(16, 64, 8, num_stages=1),
+    ("one", "tf32", 32): _Config(32, 64, 4, num_stages=1),
+    # head dims below their block (48 in 64): the masked columns' extra registers spill at 32 queries
+    ("one_masked", "16-bit", 32): _Config(16, 64, 4, num_stages=1),
+    ("one_masked", "16-bit", 64): _Config(16, 64, 4, num_stages=1),
+    ("one_masked", "16-bit", 128): _Config(16, 64, 8, num_stages=1),
+    ("one_masked", "tf32", 32): _Config(16, 64, 4, num_stages=1),
 }
+_ONE_BLOCK_M = 64  # keys the one-block backward holds; past it the wide variants pay off
 _SMALL_M = 16  # at most this many keys: 16-key blocks rather than blocks that are mostly padding
 _DELTA_BLOCK_N = 64
 
@@ -382,13 +489,10 @@ def _block_d(head_dim):
 
 
 def _dot_inputs(dtype, block_d):
-    """What tl.dot multiplies: fp16/bf16 ("16-bit"), or fp32 as "tf32" or "ieee" (torch's float32 matmul
-    precision; "highest" means ieee) -- also the constexpr INPUT_PRECISION (16-bit inputs ignore it)."""
-    if dtype != torch.float32:
-        return "16-bit"
-    if torch.get_float32_matmul_precision() != "highest" and block_d <= 64:
-        return "tf32"
-    return "ieee"
+    """:func:`~pvt_fast.kernels._common.dot_inputs`, except that a 128-wide head block has no tf32 tiling
+    that stays in registers: it multiplies as ieee fp32."""
+    dot = dot_inputs(dtype)
+    return "ieee" if dot == "tf32" and block_d > 64 else dot
 
 
 def _config(kernel, dot_inputs, block_d, M):
@@ -398,29 +502,118 @@ def _config(kernel, dot_inputs, block_d, M):
     return cfg
 
 
-def _precision(dot_inputs):
-    return "tf32" if dot_inputs == "tf32" else "ieee"
-
-
-def _check_layout(**tensors):
-    for name, t in tensors.items():
-        if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have last-dim stride 1, got strides {tuple(t.stride())}")
-
-
 def _grid_bh(B, num_heads):
     if B * num_heads > 65535:
         raise ValueError(f"batch * num_heads must be <= 65535 (a grid dimension), got {B} * {num_heads}")
     return B * num_heads
 
 
-def _num_splits(n_blocks, programs, device):
-    """Query ranges for dK/dV: enough programs to fill the GPU twice, each range at least 8 query blocks."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, programs)
-    return max(1, min(want, n_blocks // 8))
+@dataclass(frozen=True)
+class Problem:
+    """The sizes a launch is planned for: batch, queries, keys, channels, heads and the inputs' dtype."""
+
+    B: int
+    N: int
+    M: int
+    C: int
+    heads: int
+    dtype: torch.dtype
+
+    @property
+    def head_dim(self):
+        return self.C // self.heads
+
+    @property
+    def block_d(self):
+        return _block_d(self.head_dim)
+
+    @property
+    def dot(self):
+        return _dot_inputs(self.dtype, self.block_d)
+
+    @property
+    def elem(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """The backward's kernels and grids (see :func:`backward_plan`): either ``one`` (the one-block kernel) or
+    the delta, dK/dV (``dkdv``) and dQ (``dq``) kernels. ``rows_per_split`` and ``num_splits`` split the
+    queries of the kernel that sums dK/dV over them."""
+
+    rows_per_split: int
+    num_splits: int
+    one: _Config = None
+    one_grid: tuple = None
+    dkdv: _Config = None
+    dkdv_grid: tuple = None
+    dq: _Config = None
+    dq_grid: tuple = None
+    delta_grid: tuple = None
+
+
+def _query_blocked(kernels, p, num_sms):
+    """(config, grid) of a kernel whose programs own query blocks: the first of ``kernels`` (widest first) with
+    a config for these dot inputs that gives every SM a program; a wide variant only past 64 keys (where
+    each query block's read of K and V adds up); the narrowest when none fills the GPU."""
+    bh = _grid_bh(p.B, p.heads)
+    choice = None
+    for kernel in kernels:
+        if (kernel, p.dot, p.block_d) not in _CONFIGS:
+            continue
+        cfg = _config(kernel, p.dot, p.block_d, p.M)
+        if kernel.endswith("_wide") and p.M <= _ONE_BLOCK_M:
+            continue
+        choice = cfg, (triton.cdiv(p.N, cfg.block_n), bh)
+        if choice[1][0] * bh >= num_sms:
+            break
+    return choice
+
+
+def forward_plan(p, num_sms):
+    """(config, grid) of the forward for problem ``p`` on a GPU with ``num_sms`` SMs (see :func:`_query_blocked`)."""
+    return _query_blocked(("fwd_wide", "fwd", "fwd_narrow"), p, num_sms)
+
+
+def _split_rows(N, block_n, want):
+    """(rows per split, splits): ``want`` ranges of whole query blocks, at most one per block."""
+    n_blocks = triton.cdiv(N, block_n)
+    rows = triton.cdiv(n_blocks, max(1, min(want, n_blocks))) * block_n
+    return rows, triton.cdiv(N, rows)
+
+
+def backward_plan(p, num_sms, num_splits=None, grad_lse=False):
+    """The backward's plan for problem ``p``.
+
+    When every key fits one block (``M <= 64``) and the dots run on tensor cores, one kernel does everything:
+    each program walks a range of queries of one (b, h), ``num_splits`` ranges per (b, h) (None: enough to
+    fill ``num_sms`` SMs once). Otherwise (or with a gradient into lse) three kernels: delta, dK/dV split
+    into ``num_splits`` query ranges (None: enough programs to fill the SMs twice, each range at least 8
+    query blocks), and dQ. Partial sums of split ranges are fp32, added afterwards in a fixed order.
+    """
+    bh = _grid_bh(p.B, p.heads)
+    one = "one" if p.head_dim == p.block_d else "one_masked"
+    if (one, p.dot, p.block_d) in _CONFIGS and p.M <= _ONE_BLOCK_M and not grad_lse:
+        cfg = _config(one, p.dot, p.block_d, p.M)
+        want = num_splits if num_splits is not None else triton.cdiv(num_sms, bh)
+        rows, splits = _split_rows(p.N, cfg.block_n, want)
+        return BackwardPlan(rows, splits, one=cfg, one_grid=(bh, splits))
+    wide = ("dkdv_wide", p.dot, p.block_d) in _CONFIGS and p.M > _ONE_BLOCK_M
+    cfg = _config("dkdv_wide" if wide else "dkdv", p.dot, p.block_d, p.M)
+    n_blocks = triton.cdiv(p.N, cfg.block_n)
+    m_blocks = triton.cdiv(p.M, cfg.block_m)
+    if num_splits is None:
+        num_splits = max(1, min(triton.cdiv(2 * num_sms, m_blocks * bh), n_blocks // 8))
+    rows, splits = _split_rows(p.N, cfg.block_n, num_splits)
+    dq_cfg, dq_grid = _query_blocked(("dq", "dq_narrow"), p, num_sms)
+    return BackwardPlan(rows, splits, dkdv=cfg, dkdv_grid=(m_blocks, bh, splits), dq=dq_cfg, dq_grid=dq_grid,
+                        delta_grid=(triton.cdiv(p.N, _DELTA_BLOCK_N), bh))
+
+
+def _problem(q, kv, num_heads):
+    B, N, C = q.shape
+    return Problem(B, N, kv.shape[1], C, num_heads, q.dtype)
 
 
 # Launchers ------------------------------------------------------------------------------------------
@@ -432,23 +625,18 @@ def sra_attention_fwd(q, kv, num_heads, scale, out=None, lse=None):
     Returns (o, lse): o (B, N, C) in q's dtype, lse (B, num_heads, N) fp32. ``out`` / ``lse`` may be given
     (contiguous, right shape and dtype) to be written instead of fresh tensors.
     """
-    _check_layout(q=q, kv=kv)
-    B, N, C = q.shape
-    M = kv.shape[1]
-    head_dim = C // num_heads
-    block_d = _block_d(head_dim)
-    dot_inputs = _dot_inputs(q.dtype, block_d)
-    cfg = _config("fwd", dot_inputs, block_d, M)
-    o = torch.empty((B, N, C), dtype=q.dtype, device=q.device) if out is None else out
-    lse = torch.empty((B, num_heads, N), dtype=torch.float32, device=q.device) if lse is None else lse
+    q, kv = unit_last_stride(q), unit_last_stride(kv)
+    p = _problem(q, kv, num_heads)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    lse = torch.empty((p.B, num_heads, p.N), dtype=torch.float32, device=q.device) if lse is None else lse
     if o.numel() == 0:
         return o, lse
-    grid = (triton.cdiv(N, cfg.block_n), _grid_bh(B, num_heads))
+    cfg, grid = forward_plan(p, num_sms(q.device))
     _sra_attention_fwd_kernel[grid](
-        q, kv, o, lse, scale * LOG2E, N, M, num_heads,
+        q, kv, o, lse, scale * LOG2E, p.N, p.M, num_heads,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), o.stride(0), o.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-        INPUT_PRECISION=_precision(dot_inputs), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+        INPUT_PRECISION=input_precision(p.dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
 
@@ -460,54 +648,56 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
     grad_o, o: (B, N, C); lse: (B, num_heads, N) fp32 from the forward. ``grad_lse`` (same shape as lse, or
     None) is the gradient flowing into lse: d lse / d S = P, so it enters as ``delta - grad_lse``.
     ``num_splits`` overrides how many query ranges the dK/dV kernel splits N into (None: chosen from the
-    GPU's SM count; 1 on CPU).
+    device's SM count, see :func:`backward_plan`).
     """
-    _check_layout(grad_o=grad_o, q=q, kv=kv, o=o)
-    B, N, C = q.shape
-    M = kv.shape[1]
-    head_dim = C // num_heads
-    block_d = _block_d(head_dim)
-    dot_inputs = _dot_inputs(q.dtype, block_d)
-    bh = _grid_bh(B, num_heads)
+    grad_o, q, kv, o = (unit_last_stride(t) for t in (grad_o, q, kv, o))
+    p = _problem(q, kv, num_heads)
     lse = lse.contiguous()
     if dq is None:
-        dq = torch.empty((B, N, C), dtype=q.dtype, device=q.device)
+        dq = torch.empty((p.B, p.N, p.C), dtype=q.dtype, device=q.device)
     if dkv is None:
-        dkv = torch.empty((B, M, 2 * C), dtype=kv.dtype, device=kv.device)
+        dkv = torch.empty((p.B, p.M, 2 * p.C), dtype=kv.dtype, device=kv.device)
     if dq.numel() == 0:  # no queries (or batch): nothing flows back to the keys
         return dq, dkv.zero_()
-    meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "INPUT_PRECISION": _precision(dot_inputs)}
+    plan = backward_plan(p, num_sms(q.device), num_splits, grad_lse is not None)
+    meta = {"HEAD_DIM": p.head_dim, "BLOCK_D": p.block_d, "INPUT_PRECISION": input_precision(p.dot)}
+    partial = dkv if plan.num_splits == 1 else torch.empty((plan.num_splits, p.B, p.M, 2 * p.C),
+                                                           dtype=torch.float32, device=kv.device)
+    partial_strides = (0 if plan.num_splits == 1 else partial.stride(0), partial.stride(-3), partial.stride(-2))
+    if plan.one is not None:
+        cfg = plan.one
+        _sra_attention_bwd_one_block_kernel[plan.one_grid](
+            q, kv, o, grad_o, lse, dq, partial, scale, scale * LOG2E, p.N, p.M, num_heads, plan.rows_per_split,
+            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), o.stride(0), o.stride(1), grad_o.stride(0),
+            grad_o.stride(1), dq.stride(0), dq.stride(1), *partial_strides,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **meta,
+        )
+        if plan.num_splits > 1:
+            dkv.copy_(partial.sum(0))
+        return dq, dkv
 
-    delta = torch.empty((B, num_heads, N), dtype=torch.float32, device=q.device)
-    _sra_attention_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK_N), bh)](
-        o, grad_o, delta, N, num_heads, o.stride(0), o.stride(1), grad_o.stride(0), grad_o.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=_DELTA_BLOCK_N,
+    delta = torch.empty((p.B, num_heads, p.N), dtype=torch.float32, device=q.device)
+    _sra_attention_bwd_delta_kernel[plan.delta_grid](
+        o, grad_o, delta, p.N, num_heads, o.stride(0), o.stride(1), grad_o.stride(0), grad_o.stride(1),
+        HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_N=_DELTA_BLOCK_N,
     )
     if grad_lse is not None:
         delta -= grad_lse
 
-    cfg = _config("dkdv", dot_inputs, block_d, M)
-    n_blocks = triton.cdiv(N, cfg.block_n)
-    m_blocks = triton.cdiv(M, cfg.block_m)
-    if num_splits is None:
-        num_splits = _num_splits(n_blocks, m_blocks * bh, q.device)
-    rows_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks))) * cfg.block_n
-    num_splits = triton.cdiv(N, rows_per_split)
-    partial = dkv if num_splits == 1 else torch.empty((num_splits, B, M, 2 * C), dtype=torch.float32,
-                                                      device=kv.device)
-    _sra_attention_bwd_dkdv_kernel[(m_blocks, bh, num_splits)](
-        q, kv, grad_o, lse, delta, partial, scale, scale * LOG2E, N, M, num_heads, rows_per_split,
-        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1),
-        0 if num_splits == 1 else partial.stride(0), partial.stride(-3), partial.stride(-2),
+    cfg = plan.dkdv
+    _sra_attention_bwd_dkdv_kernel[plan.dkdv_grid](
+        q, kv, grad_o, lse, delta, partial, scale, scale * LOG2E, p.N, p.M, num_heads, plan.rows_per_split,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1), *partial_strides,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **meta,
     )
-    if num_splits > 1:
+    if plan.num_splits > 1:
         dkv.copy_(partial.sum(0))
 
-    cfg = _config("dq", dot_inputs, block_d, M)
-    _sra_attention_bwd_dq_kernel[(triton.cdiv(N, cfg.block_n), bh)](
-        q, kv, grad_o, lse, delta, dq, scale, scale * LOG2E, N, M, num_heads,
+    cfg = plan.dq
+    _sra_attention_bwd_dq_kernel[plan.dq_grid](
+        q, kv, grad_o, lse, delta, dq, scale, scale * LOG2E, p.N, p.M, num_heads,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1),
         dq.stride(0), dq.stride(1),
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
@@ -516,28 +706,101 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
     return dq, dkv
 
 
-# Reference ------------------------------------------------------------------------------------------
+# Traffic ------------------------------------------------------------------------------------------
 
 
-def sra_attention_ref(q, kv, num_heads, scale):
-    """The same math in plain PyTorch, in the inputs' dtype: returns (o (B, N, C), lse (B, heads, N))."""
-    B, N, C = q.shape
-    d = C // num_heads
-    qh = q.reshape(B, N, num_heads, d).transpose(1, 2)
-    kvh = kv.reshape(B, kv.shape[1], 2, num_heads, d)
-    k = kvh[:, :, 0].transpose(1, 2)
-    v = kvh[:, :, 1].transpose(1, 2)
-    s = (qh @ k.transpose(-2, -1)) * scale
-    lse = torch.logsumexp(s, dim=-1)
-    o = torch.exp(s - lse[..., None]) @ v
-    return o.transpose(1, 2).reshape(B, N, C), lse
+def _peak(dot):
+    return "fp32" if dot == "ieee" else dot
+
+
+def forward_cost(p, num_sms=SMS):
+    """The forward's launches as :mod:`pvt_fast.kernels.traffic` counts them (see the module docstring)."""
+    cfg, grid = forward_plan(p, num_sms)
+    e, d, bh = p.elem, p.head_dim, p.B * p.heads
+    q_bytes, kv_bytes = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e
+    head_kv = 2 * p.M * d * e  # K and V of one (b, h), read in full by each of its query blocks
+    programs = grid[0] * grid[1]
+    launch = Launch("sra_attention_fwd", programs, (
+        Access("q", q_bytes, loaded=q_bytes),
+        Access("kv", kv_bytes, loaded=programs * head_kv, reuse_set=reuse_set(head_kv, grid[0])),
+        Access("o", q_bytes, stored=q_bytes),
+        Access("lse", 4 * bh * p.N, stored=4 * bh * p.N),
+    ), flops=programs * triton.cdiv(p.M, cfg.block_m) * 4 * cfg.block_n * cfg.block_m * p.block_d,
+        peak=_peak(p.dot))
+    return OpCost((launch,), 2 * q_bytes + kv_bytes + 4 * bh * p.N, 4 * p.B * p.N * p.M * p.C)
+
+
+def _split_sum(splits, kv_bytes, e):
+    f32 = kv_bytes // e * 4
+    return [pytorch_kernel("dkv_partial.sum(0)", {"dkv_partial": splits * f32}, {"dkv_sum": f32}),
+            pytorch_kernel("dkv.copy_", {"dkv_sum": f32}, {"dkv": kv_bytes})]
+
+
+def backward_cost(p, num_sms=SMS, num_splits=None):
+    """The backward's launches (one-block kernel, or delta, dK/dV and dQ; the split sum when there is one)
+    as the traffic model counts them."""
+    plan = backward_plan(p, num_sms, num_splits)
+    e, d, bh = p.elem, p.head_dim, p.B * p.heads
+    q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
+    head_kv = 2 * p.M * d * e
+    splits = plan.num_splits
+    split_rows = [min(plan.rows_per_split, p.N - s * plan.rows_per_split) for s in range(splits)]
+    out_elem = e if splits == 1 else 4
+    dkv_out = Access("dkv" if splits == 1 else "dkv_partial", splits * kv_bytes // e * out_elem,
+                     stored=splits * kv_bytes // e * out_elem)
+    minimum = 3 * q_bytes + kv_bytes + rows_f32 + q_bytes + kv_bytes  # read dO, q, o, kv, lse; write dq, dkv
+    useful = 8 * p.B * p.N * p.M * p.C  # the op's FLOP formula: autograd of the reference
+    if plan.one is not None:
+        cfg = plan.one
+        query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
+        launches = [Launch("sra_attention_bwd_one_block", bh * splits, (
+            Access("kv", kv_bytes, loaded=(query_blocks if cfg.reload else splits) * bh * head_kv,
+                   reuse_set=reuse_set(head_kv, splits)),
+            Access("q", q_bytes, loaded=q_bytes),
+            Access("grad_o", q_bytes, loaded=q_bytes), Access("o", q_bytes, loaded=q_bytes),
+            Access("lse", rows_f32, loaded=rows_f32), Access("dq", q_bytes, stored=q_bytes), dkv_out,
+        ), flops=bh * query_blocks * 10 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot))]
+        if splits > 1:
+            launches += _split_sum(splits, kv_bytes, e)
+        return OpCost(tuple(launches), minimum, useful)
+
+    launches = [Launch("sra_attention_bwd_delta", plan.delta_grid[0] * bh, (
+        Access("o", q_bytes, loaded=q_bytes), Access("grad_o", q_bytes, loaded=q_bytes),
+        Access("delta", rows_f32, stored=rows_f32)))]
+    cfg, m_blocks = plan.dkdv, plan.dkdv_grid[0]
+    query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
+    kv_loads = (query_blocks if cfg.reload else splits) * bh * head_kv
+    launches.append(Launch("sra_attention_bwd_dkdv", m_blocks * bh * splits, (
+        Access("kv", kv_bytes, loaded=kv_loads, reuse_set=kv_bytes if splits > 1 or cfg.reload else 0),
+        Access("q", q_bytes, loaded=m_blocks * q_bytes,
+               reuse_set=reuse_set(plan.rows_per_split * d * e, m_blocks)),
+        Access("grad_o", q_bytes, loaded=m_blocks * q_bytes,
+               reuse_set=reuse_set(plan.rows_per_split * d * e, m_blocks)),
+        Access("lse", rows_f32, loaded=m_blocks * rows_f32), Access("delta", rows_f32, loaded=m_blocks * rows_f32),
+        dkv_out,
+    ), flops=m_blocks * bh * query_blocks * 8 * cfg.block_m * cfg.block_n * p.block_d, peak=_peak(p.dot)))
+    if splits > 1:
+        launches += _split_sum(splits, kv_bytes, e)
+
+    cfg, n_blocks = plan.dq, plan.dq_grid[0]
+    key_blocks = triton.cdiv(p.M, cfg.block_m)
+    row_loads = key_blocks if cfg.reload else 1
+    launches.append(Launch("sra_attention_bwd_dq", n_blocks * bh, (
+        Access("q", q_bytes, loaded=row_loads * q_bytes), Access("grad_o", q_bytes, loaded=row_loads * q_bytes),
+        Access("lse", rows_f32, loaded=rows_f32), Access("delta", rows_f32, loaded=rows_f32),
+        Access("kv", kv_bytes, loaded=n_blocks * bh * head_kv, reuse_set=reuse_set(head_kv, n_blocks)),
+        Access("dq", q_bytes, stored=q_bytes),
+    ), flops=n_blocks * bh * key_blocks * 6 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot)))
+    return OpCost(tuple(launches), minimum, useful)
 
 
 # Ahead-of-time compile specs ------------------------------------------------------------------------
 
-_KERNELS = {"fwd": _sra_attention_fwd_kernel, "dkdv": _sra_attention_bwd_dkdv_kernel,
-            "dq": _sra_attention_bwd_dq_kernel}
-_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_KERNELS = {"fwd": _sra_attention_fwd_kernel, "fwd_wide": _sra_attention_fwd_kernel,
+            "fwd_narrow": _sra_attention_fwd_kernel, "dkdv": _sra_attention_bwd_dkdv_kernel,
+            "dkdv_wide": _sra_attention_bwd_dkdv_kernel, "dq": _sra_attention_bwd_dq_kernel,
+            "dq_narrow": _sra_attention_bwd_dq_kernel, "one": _sra_attention_bwd_one_block_kernel,
+            "one_masked": _sra_attention_bwd_one_block_kernel}
 _FP32_ARGS = ("scale", "qk_scale_log2")
 
 
@@ -560,10 +823,10 @@ def _spec(kernel, dtype, dot_inputs, head_dim, M, out_elem=None):
     cfg = _config(kernel, dot_inputs, block_d, M)
     fn = _KERNELS[kernel]
     consts = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m,
-              "INPUT_PRECISION": _precision(dot_inputs)}
-    if kernel != "fwd":
+              "INPUT_PRECISION": input_precision(dot_inputs)}
+    if not kernel.startswith("fwd"):
         consts["RELOAD"] = cfg.reload
-    elem = _TRITON_TYPE[dtype]
+    elem = TRITON_TYPES[dtype]
     tag = elem if dot_inputs == "16-bit" else f"fp32-{dot_inputs}"
     if out_elem:
         tag += f"->{out_elem}"
@@ -584,19 +847,22 @@ def aot_specs():
         if dtype == torch.bfloat16:
             head_dims += (48,)
         for head_dim in head_dims:
-            for M in (_SMALL_M, 49):
+            for M in (_SMALL_M, 49, 1024):
                 for kernel in _KERNELS:
+                    if (kernel, dot_inputs, _block_d(head_dim)) not in _CONFIGS or \
+                            kernel.startswith("one") and (kernel == "one") != (head_dim == _block_d(head_dim)):
+                        continue
                     spec = _spec(kernel, dtype, dot_inputs, head_dim, M)
                     specs[spec.name] = spec
-                if dot_inputs == "16-bit":
-                    spec = _spec("dkdv", dtype, dot_inputs, head_dim, M, out_elem="fp32")
-                    specs[spec.name] = spec
+                    if dot_inputs == "16-bit" and kernel.startswith(("dkdv", "one")):
+                        spec = _spec(kernel, dtype, dot_inputs, head_dim, M, out_elem="fp32")
+                        specs[spec.name] = spec
             if dot_inputs != "tf32":
                 consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_N": _DELTA_BLOCK_N}
                 fn = _sra_attention_bwd_delta_kernel
-                name = f"sra_attention_bwd_delta {_TRITON_TYPE[dtype]} d{head_dim} N{_DELTA_BLOCK_N}"
-                specs[name] = AotSpec(name, fn, _signature(fn, _TRITON_TYPE[dtype], consts), consts)
+                name = f"sra_attention_bwd_delta {TRITON_TYPES[dtype]} d{head_dim} N{_DELTA_BLOCK_N}"
+                specs[name] = AotSpec(name, fn, _signature(fn, TRITON_TYPES[dtype], consts), consts)
     return list(specs.values())
 
 
-__all__ = ["sra_attention_fwd", "sra_attention_bwd", "sra_attention_ref", "aot_specs"]
+__all__ = ["sra_attention_fwd", "sra_attention_bwd", "aot_specs"]

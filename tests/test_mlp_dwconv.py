@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pvt_fast.kernels import mlp_dwconv as kernels
+from pvt_fast.ops.eager import dwconv_gelu_reference
 from pvt_fast.ops.mlp_dwconv import dwconv_gelu
 
 # (B, H, W, hidden). Tiles are 7 rows x (16 columns x 64 channels, or 8 x 128 when W <= 8): these cover
@@ -39,7 +40,7 @@ def make_inputs(B, H, W, C, dtype, device, param_dtype=None, seed=0):
 def reference(x, H, W, weight, bias, relu_prologue, grad_out):
     """Output and (x, weight, bias) gradients of the plain-PyTorch reference in float64."""
     x64, w64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, weight, bias))
-    y = kernels.dwconv_gelu_ref(x64, H, W, w64, b64, relu_prologue)
+    y = dwconv_gelu_reference(x64, H, W, w64, b64, relu_prologue)
     y.backward(grad_out.cpu().double())
     return y.detach(), x64.grad, w64.grad, b64.grad
 
@@ -157,16 +158,29 @@ def test_opcheck(kernel_device):
 
 
 def test_flop_counts(kernel_device):
+    """The op's FLOPs are what FlopCounterMode counts for the same convolution: forward on the reference path;
+    forward and backward on the depthwise conv written as a dense one-channel conv over B * C images
+    (FlopCounterMode's backward formula ignores groups, so the grouped reference cannot serve there)."""
+    import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    B, H, W, C = 1, 2, 3, 20
-    x, weight, bias, grad_out = make_inputs(B, H, W, C, torch.float32, kernel_device)
-    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
-    with FlopCounterMode(display=False) as counter:
-        dwconv_gelu(x, H, W, weight, bias, False).backward(grad_out)
-    flops = counter.get_flop_counts()["Global"]
-    assert flops[torch.ops.pvt_fast.dwconv_gelu] == 2 * 9 * B * H * W * C
-    assert flops[torch.ops.pvt_fast.dwconv_gelu_backward] == 2 * 2 * 9 * B * H * W * C
+    B, H, W, C = 2, 3, 5, 24
+    x, weight, bias, _ = make_inputs(B, H, W, C, torch.float32, kernel_device)
+
+    def total(fn, *args, backward):
+        leaves = [t.clone().requires_grad_(backward) for t in args]
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*leaves)
+            if backward:
+                out.sum().backward()
+        return counter.get_total_flops()
+
+    fused = total(lambda x, w, b: dwconv_gelu(x, H, W, w, b, True), x, weight, bias, backward=False)
+    assert fused == total(lambda x, w, b: dwconv_gelu_reference(x, H, W, w, b, True), x, weight, bias, backward=False)
+    dense = total(lambda x, w: F.conv2d(x, w, padding=1), x.transpose(1, 2).reshape(B * C, 1, H, W),
+                  weight[:1], backward=True)
+    assert dense > 0
+    assert total(lambda x, w, b: dwconv_gelu(x, H, W, w, b, True), x, weight, bias, backward=True) == dense
 
 
 @pytest.mark.parametrize("case, error, message", [
@@ -249,6 +263,6 @@ def test_offsets_past_2_31_elements_gpu():
     out = dwconv_gelu(x, H, W, weight, bias, False)
     rows = 4  # the last 3 rows, and the one above them as their halo
     crop = x[:, -rows * W:].double()
-    want = kernels.dwconv_gelu_ref(crop, rows, W, weight.double(), bias.double(), False)[:, W:]
+    want = dwconv_gelu_reference(crop, rows, W, weight.double(), bias.double(), False)[:, W:]
     err = ((out[:, -(rows - 1) * W:].double() - want).norm() / want.norm()).item()
     assert err < 1e-2, f"relative error {err:.2e} in the last {rows - 1} rows"

@@ -10,7 +10,7 @@ from timm.models.pvt_v2 import checkpoint_filter_fn
 
 import pvt_fast
 from pvt_fast.models import CONFIGS
-from helpers import assert_close, lowp_error
+from helpers import assert_close, assert_close_rel, lowp_error, rel_err
 
 V1 = ["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large", "pvt_huge_v2"]
 V2 = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b2_li", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
@@ -100,17 +100,30 @@ def test_sdpa_matches_reference_forward(name, size):
         assert_close(fast(x), ref(x), atol_of_max=1e-5)
 
 
+def _grads(name, backend, dtype, x, target):
+    model = make(name, backend, num_classes=10).train().to(dtype)
+    F.cross_entropy(model(x.to(dtype)), target).backward()
+    return [(n, p.grad) for n, p in model.named_parameters()]
+
+
 @pytest.mark.parametrize("name", ["pvt_tiny", "pvt_v2_b0", "pvt_v2_b2_li"])
 def test_sdpa_matches_reference_backward(name):
-    ref = make(name, num_classes=10).train()
-    fast = make(name, "sdpa", num_classes=10).train()
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 3, 75, 61)
-    target = torch.randint(0, 10, (2,))
-    for m in (ref, fast):
-        F.cross_entropy(m(x), target).backward()
-    for (n, p_ref), p in zip(ref.named_parameters(), fast.parameters()):
-        assert_close(p.grad, p_ref.grad, atol_of_max=1e-4, what=f"grad of {n}")
+    """Every parameter gradient of the sdpa path against the reference path. In float64 the two paths agree to
+    rounding (the same math). In float32 each gradient's error against the float64 reference is bounded by 4x
+    the float32 reference's own error (measured up to 2x on torch 2.11 and 2.14). v2-li's MLP has a ReLU: a
+    pre-activation within rounding noise of 0 (3e-7 in block3.0 of a 75x61 input on torch 2.11) flips its mask in
+    whichever path rounds the other way, and a gradient changes by 1e-3 for a correct implementation, so v2-li
+    is compared in float64 only."""
+    x = torch.randn(1, 3, 67, 45)  # stage-1 keys (67 // 32) * (45 // 32) = 2 for v1: q gets a gradient
+    target = torch.randint(0, 10, (1,))
+    ref64 = _grads(name, "reference", torch.float64, x, target)
+    for (n, g), (_, g_ref) in zip(_grads(name, "sdpa", torch.float64, x, target), ref64):
+        assert_close_rel(g, g_ref, 1e-12, f"float64 grad of {n}")
+    if name == "pvt_v2_b2_li":
+        return
+    ref32 = _grads(name, "reference", torch.float32, x, target)
+    for (n, g), (_, g_ref32), (_, g_ref) in zip(_grads(name, "sdpa", torch.float32, x, target), ref32, ref64):
+        assert_close_rel(g, g_ref, 4 * rel_err(g_ref32, g_ref) + 1e-7, f"float32 grad of {n}")
 
 
 def test_default_backend_is_sdpa_on_cpu(monkeypatch):

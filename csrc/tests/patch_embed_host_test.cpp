@@ -60,13 +60,16 @@ static int g_failures = 0;
     }                                                               \
   } while (0)
 
-// Reads element `off` of a tensor spanning `span` elements; records the first bad access.
+// Reads element `off` of a tensor spanning `span` elements; records the first bad access and counts the
+// elements read (the traffic model's byte counts are checked against these, see --traffic).
 template <class T>
 struct CheckedReader {
   const T* ptr;
   int64_t span;
   std::string* error;
+  int64_t* loaded;
   void check(int64_t off, int width) const {
+    *loaded += width;
     if (!error->empty()) return;
     if (off < 0 || off + width > span)
       *error = "read [" + std::to_string(off) + ", " + std::to_string(off + width) + ") outside [0, " +
@@ -133,7 +136,7 @@ static Strided make_strides(const int64_t sizes[4], const int order[4], int64_t 
   return s;
 }
 
-static double ref_value(const Problem& pr, const pe::Geometry& g, const std::vector<double>& x,
+static double ref_value(const Problem& pr, const pe::Geometry& g, const Strided& ws, const std::vector<double>& x,
                         const std::vector<double>& w, int64_t b, int64_t ho, int64_t wo, int64_t co) {
   double acc = 0;
   for (int64_t ci = 0; ci < pr.Cin; ++ci)
@@ -142,7 +145,7 @@ static double ref_value(const Problem& pr, const pe::Geometry& g, const std::vec
         const int64_t ih = ho * pr.s - pr.p + kh, iw = wo * pr.s - pr.p + kw;
         if (ih < 0 || ih >= pr.H || iw < 0 || iw >= pr.W) continue;
         acc += x[b * g.xs_b + ci * g.xs_c + ih * g.xs_h + iw * g.xs_w] *
-               w[co * g.ws_o + ci * g.ws_c + kh * g.ws_h + kw * g.ws_w];
+               w[co * ws.strides[0] + ci * ws.strides[1] + kh * ws.strides[2] + kw * ws.strides[3]];
       }
   return acc;
 }
@@ -175,7 +178,7 @@ static void sweep_plans() {
     for (int64_t cin : {int64_t{1}, int64_t{3}, int64_t{64}, int64_t{320}, int64_t{1024}, int64_t{1} << 26})
       for (int64_t k : {1, 2, 3, 4, 7})
         for (int es : {2, 4}) {
-          const pe::Geometry g = pe::make_geometry(1, cin, 8, 8, cout, k, 1, 0, pe::Layout::kNHWC, unit, unit);
+          const pe::Geometry g = pe::make_geometry(1, cin, 8, 8, cout, k, 1, 0, pe::Layout::kNHWC, unit);
           ++plans;
           if (!check_plan(g, pe::make_plan(g, es, 1), 1, es, "sweep Cout " + std::to_string(cout))) return;
         }
@@ -184,10 +187,16 @@ static void sweep_plans() {
                 (long long)(int64_t{49} << 26));
 }
 
-// Runs one problem with x stored as T (weights stored as float, rounded to T in the weight gather, as
-// the kernel does under autocast) on `grid` emulated blocks; returns false on the first failure.
+// Elements each tensor is read or written by a whole problem (every block, every thread).
+struct Traffic {
+  int64_t x = 0, weight = 0, out = 0;
+};
+
+// Runs one problem with x stored as T (weights stored as float with the problem's strides, packed and
+// rounded to T as the op does) on `grid` emulated blocks (grid <= 0: the launcher's, `sms` SMs with the
+// kernel's residency); returns false on the first failure.
 template <class T, int V>
-static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed) {
+static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed, Traffic* traffic = nullptr) {
   const int64_t x_sizes[4] = {pr.B, pr.Cin, pr.H, pr.W};  // logical b, c, h, w
   // Memory order of x: nchw -> b,c,h,w; nhwc -> b,h,w,c; odd_strides swaps to the other.
   const bool nhwc_memory = (pr.layout == pe::Layout::kNHWC) != pr.odd_strides;
@@ -196,7 +205,7 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed) 
   const int64_t w_sizes[4] = {pr.Cout, pr.Cin, pr.k, pr.k};
   const Strided wst = make_strides(w_sizes, pr.odd_strides ? x_order_nhwc : x_order_nchw, pr.odd_strides ? 1 : 0);
   const pe::Geometry g = pe::make_geometry(pr.B, pr.Cin, pr.H, pr.W, pr.Cout, pr.k, pr.s, pr.p, pr.layout,
-                                           xs.strides, wst.strides);
+                                           xs.strides);
 
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -226,14 +235,26 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed) 
   const pe::Plan pl = pe::make_plan(g, sizeof(T), vec);
   if (!check_plan(g, pl, V, sizeof(T), pr.name)) return false;
 
+  // The op's packing (patch_embed_op.cpp pack_weight): row n, column kk = weight[n, weight_tap(kk)] in T.
+  const int64_t pitch = pe::packed_pitch(g);
+  std::vector<T> packed(pr.Cout * pitch, from_f<T>(0.f));
+  for (int64_t n = 0; n < pr.Cout; ++n)
+    for (int64_t kk = 0; kk < g.K; ++kk) {
+      const pe::WeightTap t = pe::weight_tap(g, kk);
+      packed[n * pitch + kk] =
+          from_f<T>(w[n * wst.strides[0] + t.ci * wst.strides[1] + t.kh * wst.strides[2] + t.kw * wst.strides[3]]);
+    }
+
   std::string read_error, write_error;
-  const CheckedReader<T> xr{x.data(), xs.span, &read_error};
-  const CheckedReader<float> wr{w.data(), wst.span, &read_error};
+  Traffic counted;
+  const CheckedReader<T> xr{x.data(), xs.span, &read_error, &counted.x};
+  const CheckedReader<T> wr{packed.data(), pr.Cout * pitch, &read_error, &counted.weight};
   std::vector<float> out(g.M * g.Cout, NAN);
   std::vector<int> writes(g.M * g.Cout, 0);
   const CountingWriter<T> writer{out.data(), writes.data(), g.M * g.Cout, &write_error};
 
   const int nt = pl.threads;
+  if (grid <= 0) grid = static_cast<int>(pl.tiles);  // the traffic mode: --blocks gives the launcher's count
   for (int block = 0; block < grid; ++block) {
     // This block's shared memory, poisoned.
     std::vector<float> params(3 * pl.npad, NAN);
@@ -241,14 +262,14 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed) 
     std::vector<float> c(pl.bm * pl.ldc, NAN);
     // Poisoned tables point far outside x, so an entry the builders skip makes an out-of-bounds read.
     std::vector<pe::TokenOrigin> tok(pl.bm, pe::TokenOrigin{int64_t{1} << 40, 0, 0});
-    std::vector<pe::ColumnTap> col(pl.bk, pe::ColumnTap{int64_t{1} << 40, int64_t{1} << 40, 0, 0});
+    std::vector<pe::ColumnTap> col(pl.bk, pe::ColumnTap{int64_t{1} << 40, 0, 0});
 
     for (int tid = 0; tid < nt; ++tid)
       pe::load_params(pl, g.Cout, bias.data(), gamma.data(), beta.data(), 1, 1, 1, params.data(), tid, nt);
     const bool resident = pl.chunks == 1;
     if (resident) {
       for (int tid = 0; tid < nt; ++tid) pe::build_columns(g, pl, 0, col.data(), tid, nt);
-      for (int tid = 0; tid < nt; ++tid) pe::gather_w<T, float>(g, pl, col.data(), wr, ws.data(), tid, nt);
+      for (int tid = 0; tid < nt; ++tid) pe::gather_w<T>(g, pl, 0, wr, ws.data(), tid, nt);
     }
     for (int64_t tile = block; tile < pl.tiles; tile += grid) {
       const int64_t m0 = tile * pl.bm;
@@ -259,7 +280,7 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed) 
         for (int tid = 0; tid < nt; ++tid)
           pe::gather_a<T, V>(g, pl, tok.data(), col.data(), xr, a.data(), tid, nt);
         if (!resident)
-          for (int tid = 0; tid < nt; ++tid) pe::gather_w<T, float>(g, pl, col.data(), wr, ws.data(), tid, nt);
+          for (int tid = 0; tid < nt; ++tid) pe::gather_w<T>(g, pl, chunk, wr, ws.data(), tid, nt);
         for (int tid = 0; tid < nt; ++tid)
           pe::simt_mma_chunk(pl, a.data(), ws.data(), c.data(), chunk == 0, tid, nt);
       }
@@ -294,7 +315,7 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed) 
     std::vector<double> v(pr.Cout);
     double mean = 0, var = 0;
     for (int64_t co = 0; co < pr.Cout; ++co) {
-      v[co] = ref_value(pr, g, x_ref, w_ref, b, ho, wo, co) + bias[co];
+      v[co] = ref_value(pr, g, wst, x_ref, w_ref, b, ho, wo, co) + bias[co];
       mean += v[co];
     }
     mean /= pr.Cout;
@@ -309,14 +330,47 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed) 
       EXPECT(err <= tol * (1 + std::fabs(ref)), "%s: output (b=%lld, ho=%lld, wo=%lld, c=%lld) = %.7g, reference %.7g",
              pr.name, (long long)b, (long long)ho, (long long)wo, (long long)co, out[off], ref);
       if (err > max_err) max_err = err;
+      counted.out += writes[off];
     }
   }
+  if (traffic != nullptr) *traffic = counted;
   std::printf("  ok  %-44s M=%-5lld K=%-5lld bm=%-3d bk=%-3d chunks=%-2d vec=%d max|err|=%.2e\n", pr.name,
               (long long)g.M, (long long)g.K, pl.bm, pl.bk, pl.chunks, V, max_err);
   return true;
 }
 
-int main() {
+// --traffic B Cin H W Cout k s p layout elem blocks: run one problem (random values, checked as above) on
+// `blocks` emulated blocks and print the elements it reads and writes and its plan, one JSON object.
+static int traffic_mode(char** argv) {
+  int64_t v[8];
+  for (int i = 0; i < 8; ++i) v[i] = std::atoll(argv[i]);
+  const pe::Layout layout = std::string(argv[8]) == "nchw" ? pe::Layout::kNCHW : pe::Layout::kNHWC;
+  const int elem = std::atoi(argv[9]), blocks = std::atoi(argv[10]);
+  // x contiguous in the layout's order, as the model assumes; choose_vec's width for an aligned tensor.
+  const int64_t sizes[4] = {v[0], v[1], v[2], v[3]};
+  const int order_nchw[4] = {0, 1, 2, 3}, order_nhwc[4] = {0, 2, 3, 1};
+  const Strided xs = make_strides(sizes, layout == pe::Layout::kNHWC ? order_nhwc : order_nchw, 0);
+  const pe::Geometry g = pe::make_geometry(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], layout, xs.strides);
+  const int vec = pe::choose_vec(g, elem, 0);
+  const Problem pr{"traffic", v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], layout, false, vec};
+  Traffic t;
+  bool ok = false;
+  if (elem == 4)
+    ok = vec == 4 ? run_problem<float, 4>(pr, blocks, 1e-4, 7, &t) : run_problem<float, 1>(pr, blocks, 1e-4, 7, &t);
+  else
+    ok = vec == 8   ? run_problem<HostBf16, 8>(pr, blocks, 1.0 / 256, 7, &t)
+         : vec == 4 ? run_problem<HostBf16, 4>(pr, blocks, 1.0 / 256, 7, &t)
+                    : run_problem<HostBf16, 1>(pr, blocks, 1.0 / 256, 7, &t);
+  const pe::Plan pl = pe::make_plan(g, elem, vec);
+  std::printf("{\"x\": %lld, \"weight\": %lld, \"out\": %lld, \"bm\": %d, \"npad\": %d, \"bk\": %d, "
+              "\"chunks\": %d, \"vec\": %d, \"tiles\": %lld, \"smem\": %d, \"warps\": %d}\n",
+              (long long)t.x, (long long)t.weight, (long long)t.out, pl.bm, pl.npad, pl.bk, pl.chunks, vec,
+              (long long)pl.tiles, pl.smem_bytes, pl.warps);
+  return ok ? EXIT_SUCCESS : EXIT_FAILURE;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 13 && std::string(argv[1]) == "--traffic") return traffic_mode(argv + 2);
   using L = pe::Layout;
   const L NCHW = L::kNCHW, NHWC = L::kNHWC;
   // name, B, Cin, H, W, Cout, k, s, p, layout, permuted strides, expected fp32 vector width

@@ -1,4 +1,4 @@
-"""Where the fused ops' Triton kernels may run, and the late import of their modules."""
+"""Where the fused ops' kernels may run, the late import of their modules, and how they meet autocast."""
 import contextlib
 import importlib
 import os
@@ -21,14 +21,20 @@ def on_device(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def cast_under_autocast(op_name, op):
-    """Run ``op`` in the autocast dtype in effect at call time: every floating-point tensor argument is cast
-    to it, then the op runs with autocast off (``torch.library.register_autocast`` would fix one dtype)."""
+def to_autocast_dtype(dtype, *args):
+    """``args`` with every floating-point tensor cast to ``dtype`` (the default autocast cast)."""
+    return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def register_autocast(op_name, op, cast=to_autocast_dtype):
+    """Run ``op`` under autocast as ``op(*cast(dtype, *args))`` with autocast off, ``dtype`` being the autocast
+    dtype in effect at call time (``torch.library.register_autocast`` would fix one dtype). ``cast`` decides
+    which arguments change: the default casts every floating-point tensor; an op that reads an fp32 input
+    and rounds it in its kernel keeps that input as it is."""
     for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
-        def autocast_kernel(*args, _device_type=device_type, **kwargs):
+        def autocast_kernel(*args, _device_type=device_type):
             dtype = torch.get_autocast_dtype(_device_type)
-            args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
             with torch.autocast(_device_type, enabled=False):
-                return op(*args, **kwargs)
+                return op(*cast(dtype, *args))
 
         torch.library.impl(op_name, key, autocast_kernel)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from pvt_fast.ops._triton import register_autocast
+
 LAYOUTS = ("nchw", "nhwc")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -169,30 +171,19 @@ def _patch_embed_out(x: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tenso
     out.copy_(tokens)
 
 
-def _register_autocast(device_type):
-    """Under autocast x is cast to the autocast dtype (like a conv's input); the kernel rounds an fp32
-    weight itself and reads fp32 LayerNorm parameters, so those stay as they are."""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def kernel(keyset, x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout):
-        dtype = torch.get_autocast_dtype(device_type)
-        if x.dtype in _DTYPES:
-            x = x.to(dtype)
-            if weight.dtype != torch.float32:
-                weight = weight.to(dtype)
-            if {bias.dtype, norm_weight.dtype, norm_bias.dtype} not in ({torch.float32}, {dtype}):
-                bias, norm_weight, norm_bias = bias.float(), norm_weight.float(), norm_bias.float()
-        with torch._C._ExcludeDispatchKeyGuard(exclude):
-            return torch.ops.pvt_fast.patch_embed.default(x, weight, bias, norm_weight, norm_bias, stride, padding,
-                                                          eps, layout)
-
-    _autocast_lib.impl("patch_embed", kernel, key, with_keyset=True)
+def _autocast_args(dtype, x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout):
+    """Under autocast x is cast to the autocast dtype (like a conv's input); the kernel rounds an fp32 weight
+    itself and reads fp32 LayerNorm parameters, so those stay as they are (mixed ones become fp32)."""
+    if x.dtype in _DTYPES:
+        x = x.to(dtype)
+        if weight.dtype != torch.float32:
+            weight = weight.to(dtype)
+        if {bias.dtype, norm_weight.dtype, norm_bias.dtype} not in ({torch.float32}, {dtype}):
+            bias, norm_weight, norm_bias = bias.float(), norm_weight.float(), norm_bias.float()
+    return x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout
 
 
-_autocast_lib = torch.library.Library("pvt_fast", "FRAGMENT")
-for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)
+register_autocast("pvt_fast::patch_embed", patch_embed_op, _autocast_args)
 
 
 @register_flop_formula(torch.ops.pvt_fast.patch_embed)

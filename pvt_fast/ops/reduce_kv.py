@@ -10,12 +10,13 @@
 
 dtypes: the public functions cast the four parameters to ``x.dtype`` before the op (one copy, which also
 makes the conv weight channels-last, the layout the kernel reads fastest; autograd sees the cast, so
-fp32 master weights get fp32 gradients). Under autocast both ops cast ``x`` and the parameters to the
-autocast dtype, as autocast does for ``conv2d`` (``x`` is the block's LayerNorm output, which autocast
-keeps in fp32), so the conv runs on tensor cores. Unlike eager autocast, the LayerNorm is computed in
-fp32 from the fp32 conv accumulator and its output is rounded to the autocast dtype (eager autocast
-returns fp32 there); the following kv linear casts to that dtype anyway. The op itself takes one dtype
-(fp32, fp16 or bf16) for all tensors.
+fp32 master weights get fp32 gradients). The op takes the parameters in one dtype (fp32, fp16 or bf16),
+the output's, and ``x`` in that dtype or fp32. Under autocast the parameters are cast to the autocast
+dtype, as autocast does for ``conv2d``; ``x`` (the block's LayerNorm output, which autocast keeps in
+fp32) is not copied: the kernel rounds each tile of it to the autocast dtype as it reads it, the rounding
+autocast's ``conv2d`` applies, so the conv runs on tensor cores and ``x`` is read once. Unlike eager
+autocast, the LayerNorm is computed in fp32 from the fp32 conv accumulator and its output is rounded to
+the autocast dtype (eager autocast returns fp32 there); the following kv linear casts to that dtype anyway.
 
 Backward is built from PyTorch ops on recomputed values (nothing but the inputs is saved): the conv output
 is recomputed with ``F.conv2d`` (for ``linear``: ``F.adaptive_avg_pool2d`` + ``F.linear``), the
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from pvt_fast.ops._triton import cast_under_autocast, kernel_module, on_device
+from pvt_fast.ops._triton import kernel_module, on_device, register_autocast, to_autocast_dtype
 from pvt_fast.ops.eager import grid_view, tokens
 
 # The kernel module's limits, repeated so that importing the op does not import Triton.
@@ -65,8 +66,10 @@ def _check_inputs(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, linear):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     for name, t in (("sr_weight", sr_weight), ("sr_bias", sr_bias), ("norm_weight", norm_weight),
                     ("norm_bias", norm_bias)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.dtype != sr_weight.dtype or sr_weight.dtype not in (x.dtype, torch.float16, torch.bfloat16) or (
+                x.dtype != sr_weight.dtype and x.dtype != torch.float32):
+            raise TypeError(f"{name} must have x's dtype {x.dtype} (or, for a float32 x, float16 or bfloat16 as the "
+                            f"other parameters), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
@@ -87,7 +90,7 @@ def _reduce_kv_op(x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor,
 def _(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
     _check_inputs(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, linear=False)
     sr = sr_weight.shape[-1]
-    return x.new_empty((x.shape[0], (H // sr) * (W // sr), x.shape[2]))
+    return x.new_empty((x.shape[0], (H // sr) * (W // sr), x.shape[2]), dtype=sr_weight.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -109,7 +112,7 @@ def _reduce_kv_backward(ctx, grad):
     x, sr_weight, sr_bias, norm_weight, norm_bias = ctx.saved_tensors
     H, W = ctx.grid
     sr = sr_weight.shape[-1]
-    grid = grid_view(x, H, W)
+    grid = grid_view(x.to(sr_weight.dtype), H, W)
     y = tokens(F.conv2d(grid, sr_weight, sr_bias, stride=sr))
     _, mean, rstd = torch.ops.aten.native_layer_norm(y, [y.shape[-1]], norm_weight, norm_bias, ctx.eps)
     dy, dnorm_weight, dnorm_bias = _layer_norm_backward(ctx, grad, y, mean, rstd, norm_weight, norm_bias)
@@ -117,7 +120,7 @@ def _reduce_kv_backward(ctx, grad):
         grid_view(dy, H // sr, W // sr), grid, sr_weight, None, [sr, sr], [0, 0], [1, 1], False, [0, 0], 1,
         [ctx.needs_input_grad[0], ctx.needs_input_grad[3], False],
     )
-    dx = tokens(dgrid) if dgrid is not None else None
+    dx = tokens(dgrid).to(x.dtype) if dgrid is not None else None
     dsr_bias = dy.sum((0, 1)) if ctx.needs_input_grad[4] else None
     return dx, None, None, dsr_weight, dsr_bias, dnorm_weight, dnorm_bias, None
 
@@ -125,7 +128,12 @@ def _reduce_kv_backward(ctx, grad):
 _reduce_kv_op.register_autograd(_reduce_kv_backward, setup_context=_setup_context)
 
 
-cast_under_autocast("pvt_fast::reduce_kv", _reduce_kv_op)
+def _autocast_args(dtype, x, H, W, *params_and_eps):
+    """The parameters in the autocast dtype; an fp32 ``x`` stays as it is (the kernel rounds it as it reads)."""
+    return (x if x.dtype == torch.float32 else x.to(dtype), H, W, *to_autocast_dtype(dtype, *params_and_eps))
+
+
+register_autocast("pvt_fast::reduce_kv", _reduce_kv_op, _autocast_args)
 
 
 @register_flop_formula(torch.ops.pvt_fast.reduce_kv)
@@ -162,14 +170,14 @@ def _reduce_kv_linear_op(x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: 
 @_reduce_kv_linear_op.register_fake
 def _(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, eps):
     _check_inputs(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, linear=True)
-    return x.new_empty((x.shape[0], POOL_SIZE * POOL_SIZE, x.shape[2]))
+    return x.new_empty((x.shape[0], POOL_SIZE * POOL_SIZE, x.shape[2]), dtype=sr_weight.dtype)
 
 
 def _reduce_kv_linear_backward(ctx, grad):
     x, sr_weight, sr_bias, norm_weight, norm_bias = ctx.saved_tensors
     H, W = ctx.grid
     grid = grid_view(x, H, W)
-    pooled = tokens(F.adaptive_avg_pool2d(grid, POOL_SIZE))
+    pooled = tokens(F.adaptive_avg_pool2d(grid, POOL_SIZE)).to(sr_weight.dtype)
     weight = sr_weight.flatten(1)
     y = F.linear(pooled, weight, sr_bias)
     z, mean, rstd = torch.ops.aten.native_layer_norm(y, [y.shape[-1]], norm_weight, norm_bias, ctx.eps)
@@ -177,7 +185,7 @@ def _reduce_kv_linear_backward(ctx, grad):
     dy, dnorm_weight, dnorm_bias = _layer_norm_backward(ctx, dz, y, mean, rstd, norm_weight, norm_bias)
     dx = dsr_weight = dsr_bias = None
     if ctx.needs_input_grad[0]:
-        dpooled = grid_view(dy @ weight, POOL_SIZE, POOL_SIZE)
+        dpooled = grid_view((dy @ weight).to(x.dtype), POOL_SIZE, POOL_SIZE)
         dx = tokens(torch.ops.aten._adaptive_avg_pool2d_backward(dpooled, grid))
     if ctx.needs_input_grad[3]:
         dsr_weight = (dy.flatten(0, 1).t() @ pooled.flatten(0, 1)).view_as(sr_weight)
@@ -189,7 +197,7 @@ def _reduce_kv_linear_backward(ctx, grad):
 _reduce_kv_linear_op.register_autograd(_reduce_kv_linear_backward, setup_context=_setup_context)
 
 
-cast_under_autocast("pvt_fast::reduce_kv_linear", _reduce_kv_linear_op)
+register_autocast("pvt_fast::reduce_kv_linear", _reduce_kv_linear_op, _autocast_args)
 
 
 @register_flop_formula(torch.ops.pvt_fast.reduce_kv_linear)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from pvt_fast.ops._triton import cast_under_autocast, kernel_module, on_device
+from pvt_fast.ops._triton import kernel_module, on_device, register_autocast
 
 MAX_HEAD_DIM = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,11 +50,6 @@ def _check_inputs(q, kv, num_heads):
         raise ValueError(f"head dim C // num_heads must be <= {MAX_HEAD_DIM}, got {C} // {num_heads} = {head_dim}")
 
 
-def _unit_stride(t):
-    """t itself when its last dim is unit-stride (the kernels take the other strides), else a copy."""
-    return t if t.numel() == 0 or t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 @torch.library.custom_op(
     "pvt_fast::sra_attention", mutates_args=(),
     schema="(Tensor q, Tensor kv, int num_heads, float scale) -> (Tensor, Tensor)",
@@ -63,7 +58,7 @@ def sra_attention(q: Tensor, kv: Tensor, num_heads: int, scale: float) -> tuple[
     _check_inputs(q, kv, num_heads)
     kernels = kernel_module("sra_attention", "sra_attention", q.device)
     with on_device(q.device):
-        return kernels.sra_attention_fwd(_unit_stride(q), _unit_stride(kv), num_heads, scale)
+        return kernels.sra_attention_fwd(q, kv, num_heads, scale)
 
 
 @sra_attention.register_fake
@@ -85,7 +80,7 @@ def sra_attention_backward(
     kernels = kernel_module("sra_attention", "sra_attention", q.device)
     with on_device(q.device):
         return kernels.sra_attention_bwd(
-            _unit_stride(grad_o), _unit_stride(q), _unit_stride(kv), _unit_stride(o), lse, num_heads, scale,
+            grad_o, q, kv, o, lse, num_heads, scale,
             grad_lse=grad_lse,
         )
 
@@ -116,7 +111,7 @@ def _backward(ctx, grad_o, grad_lse):
 sra_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-cast_under_autocast("pvt_fast::sra_attention", sra_attention)
+register_autocast("pvt_fast::sra_attention", sra_attention)
 
 
 @register_flop_formula(torch.ops.pvt_fast.sra_attention)
@@ -128,9 +123,10 @@ def _sra_attention_flop(q_shape, kv_shape, num_heads, scale, *args, out_shape=No
 
 @register_flop_formula(torch.ops.pvt_fast.sra_attention_backward)
 def _sra_attention_backward_flop(grad_o_shape, q_shape, kv_shape, *args, out_shape=None, **kwargs):
-    """Recomputed S, dP, dV, dK, dQ: five matmuls, 2.5 times the forward."""
+    """What autograd of the reference counts: the two matmuls' gradients (dP, dV, dK, dQ), twice the forward.
+    The kernels also recompute S (and, past 64 keys, dP): not counted, as in the other backends."""
     B, N, C = q_shape
-    return 10 * B * N * kv_shape[1] * C
+    return 8 * B * N * kv_shape[1] * C
 
 
 def attention(q, kv, num_heads, scale, dropout_p=0.0):

@@ -1,0 +1,298 @@
+"""The traffic and roofline model (pvt_fast.kernels.traffic): its arithmetic, its byte counts against hand
+counts and against the bytes the Triton interpreter really moves, and the ratios it predicts at the
+benchmark shapes."""
+import contextlib
+import dataclasses
+import os
+import re
+
+import pytest
+import torch
+
+from pvt_fast.kernels import traffic
+from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="counts the bytes the Triton interpreter moves (TRITON_INTERPRET=1)")
+
+
+# --- the roofline arithmetic ----------------------------------------------------------------------------
+
+
+def test_hbm_counts_rereads_only_past_half_the_l2():
+    small = Access("w", 1000, loaded=5000, reuse_set=traffic.L2_BYTES // 2)
+    large = Access("w", 1000, loaded=5000, reuse_set=traffic.L2_BYTES // 2 + 1)
+    store = Access("o", 300, stored=300)
+    assert traffic.hbm_bytes(Launch("k", SMS, (small, store))) == 1300
+    assert traffic.hbm_bytes(Launch("k", SMS, (large, store))) == 5300
+
+
+def test_launch_time_is_the_slowest_roof_stretched_by_idle_sms():
+    memory = Launch("k", SMS, (Access("x", 3_350_000, loaded=3_350_000),))
+    assert traffic.launch_seconds(memory) == pytest.approx(1e-6)  # 3.35 MB at 3.35 TB/s
+    l2 = Launch("k", SMS, (Access("x", 100, loaded=11_000_000),))
+    assert traffic.launch_seconds(l2) == pytest.approx(2e-6)  # 11 MB at 5.5 TB/s
+    math = Launch("k", SMS, (Access("x", 100, loaded=100),), flops=989_400_000, peak="16-bit")
+    assert traffic.launch_seconds(math) == pytest.approx(1e-6)
+    half = Launch("k", SMS // 2, memory.accesses)
+    assert traffic.launch_seconds(half) == pytest.approx(2e-6)
+    assert traffic.launch_seconds(Launch("torch", 1, memory.accesses, pytorch=True)) == pytest.approx(1e-6)
+
+
+def test_ratio_is_predicted_over_ideal():
+    # Two launches through an intermediate: 3.35 MB in, 3.35 MB intermediate written and read, 3.35 MB out.
+    x = 3_350_000
+    cost = OpCost((Launch("a", SMS, (Access("in", x, loaded=x), Access("tmp", x, stored=x))),
+                   Launch("b", SMS, (Access("tmp", x, loaded=x), Access("out", x, stored=x)))), 2 * x, 0)
+    s = traffic.summarize(cost)
+    assert (s.l2, s.hbm, s.minimum) == (4 * x, 4 * x, 2 * x)
+    assert s.predicted == pytest.approx(4e-6) and s.ideal == pytest.approx(2e-6) and s.ratio == pytest.approx(2.0)
+
+
+@pytest.fixture
+def matmul_precision():
+    saved = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(saved)
+
+
+# --- hand counts --------------------------------------------------------------------------------------
+
+
+def _by_kernel(cost):
+    return {launch.kernel: launch for launch in cost.launches}
+
+
+def test_attention_counts_by_hand(matmul_precision):
+    """B 1, N 5 queries, M 3 keys, C 32, one head: one program per kernel (16-key blocks, M <= 16)."""
+    from pvt_fast.kernels import sra_attention as sa
+
+    p = sa.Problem(1, 5, 3, 32, 1, torch.bfloat16)
+    q, kv, lse = 5 * 32 * 2, 3 * 64 * 2, 5 * 4
+    fwd = sa.forward_cost(p, num_sms=1)
+    (launch,) = fwd.launches
+    assert (launch.programs, launch.loaded, launch.stored) == (1, q + kv, q + lse)
+    assert launch.flops == 2 * 2 * 128 * 16 * 32  # two dots of a 128-query x 16-key x 32-column tile
+    assert fwd.minimum_bytes == q + kv + q + lse and fwd.useful_flops == 4 * 5 * 3 * 32
+    (one,) = sa.backward_cost(p, num_sms=1).launches  # 16-bit, every key in one block: one kernel
+    assert (one.kernel, one.loaded, one.stored) == ("sra_attention_bwd_one_block", kv + 3 * q + lse, q + kv)
+    assert one.flops == 5 * 2 * 32 * 16 * 32  # five dots of a 32-query x 16-key x 32-column tile
+
+    matmul_precision("highest")  # fp32 dots on FMAs: the three-kernel backward with 16 x 16 tiles
+    p = sa.Problem(1, 5, 3, 32, 1, torch.float32)
+    q, kv = 5 * 32 * 4, 3 * 64 * 4
+    bwd = _by_kernel(sa.backward_cost(p, num_sms=1))
+    assert (bwd["sra_attention_bwd_delta"].loaded, bwd["sra_attention_bwd_delta"].stored) == (2 * q, lse)
+    dkdv = bwd["sra_attention_bwd_dkdv"]  # K/V once; q, dO, lse, delta of every query once; dK/dV written
+    assert (dkdv.loaded, dkdv.stored, dkdv.flops) == (kv + 2 * q + 2 * lse, kv, 4 * 2 * 16 * 16 * 32)
+    dq = bwd["sra_attention_bwd_dq"]
+    assert (dq.loaded, dq.stored, dq.flops) == (2 * q + 2 * lse + kv, q, 3 * 2 * 16 * 16 * 32)
+
+
+def test_dwconv_counts_by_hand():
+    """B 1, a 2 x 3 grid, 4 channels, bf16: one program, two image rows, each read at three column shifts
+    (3 columns unshifted, 3 one to the left (columns 0..2 seen from 1..3), 2 one to the right)."""
+    from pvt_fast.kernels import mlp_dwconv as md
+
+    (launch,) = md.forward_cost(md.Problem(1, 2, 3, 4, torch.bfloat16)).launches
+    x = 2 * (3 + 3 + 2) * 4 * 2
+    assert (launch.programs, launch.loaded, launch.stored) == (1, x + 9 * 4 * 2 + 4 * 2, 2 * 3 * 4 * 2)
+
+
+def test_patch_embed_counts_by_hand():
+    """B 1, 2 channels, 5 x 5 image, 8 outputs, k 3, stride 2, padding 1: a 3 x 3 grid; per output row the taps
+    inside the image are 2, 3, 2 (7 along each axis); one resident block reads the packed weight once, 8 rows
+    of K = 18 padded to 32."""
+    from pvt_fast.kernels import patch_embed_cuda as pe
+
+    p = pe.Problem(1, 2, 5, 5, 8, 3, 2, 1, "nhwc", torch.bfloat16)
+    assert pe.counts(p) == {"x": 2 * 7 * 7, "weight": 8 * 32, "params": 3 * 8, "out": 9 * 8}
+    plan = pe.plan(p)
+    assert (plan.npad, plan.bm, plan.bk, plan.chunks, plan.tiles) == (16, 128, 32, 1, 1)
+
+
+# --- the interpreter's bytes ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def interpreter_bytes():
+    """Bytes every Triton load and store moves while the block runs (masked-off lanes move nothing)."""
+    from triton.runtime import interpreter
+
+    counts = {"loaded": 0, "stored": 0}
+    builder = interpreter.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def moved(ptrs, mask):
+        return int(mask.data.sum()) * (ptrs.get_element_ty().primitive_bitwidth // 8)
+
+    def counted_load(self, ptrs, mask, *args):
+        counts["loaded"] += moved(ptrs, mask)
+        return load(self, ptrs, mask, *args)
+
+    def counted_store(self, ptrs, value, mask, *args):
+        counts["stored"] += moved(ptrs, mask)
+        return store(self, ptrs, value, mask, *args)
+
+    builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+    try:
+        yield counts
+    finally:
+        builder.create_masked_load, builder.create_masked_store = load, store
+
+
+def _modelled(cost):
+    kernels = [launch for launch in cost.launches if not launch.pytorch]
+    return {"loaded": sum(k.loaded for k in kernels), "stored": sum(k.stored for k in kernels)}
+
+
+@interpreted
+@pytest.mark.parametrize("B, N, M, C, heads, dtype", [
+    (2, 37, 23, 64, 2, torch.float16), (1, 133, 150, 48, 1, torch.float32), (1, 150, 20, 32, 1, torch.float16),
+    (1, 150, 90, 32, 1, torch.float16)])
+def test_attention_model_matches_interpreter(B, N, M, C, heads, dtype):
+    """One-block (M <= 64, 16-bit) and three-kernel backwards, split and not."""
+    from pvt_fast.kernels import sra_attention as sa
+
+    g = torch.Generator().manual_seed(0)
+    q, grad = (torch.randn(B, N, C, generator=g).to(dtype) for _ in range(2))
+    kv = torch.randn(B, M, 2 * C, generator=g).to(dtype)
+    p = sa.Problem(B, N, M, C, heads, dtype)
+    with interpreter_bytes() as moved:
+        o, lse = sa.sra_attention_fwd(q, kv, heads, 0.1)
+    assert moved == _modelled(sa.forward_cost(p, num_sms=1))
+    with interpreter_bytes() as moved:
+        sa.sra_attention_bwd(grad, q, kv, o, lse, heads, 0.1)
+    assert moved == _modelled(sa.backward_cost(p, num_sms=1))
+
+
+@interpreted
+@pytest.mark.parametrize("B, H, W, C, dtype", [(2, 11, 9, 72, torch.float32), (1, 9, 19, 20, torch.float16)])
+def test_dwconv_model_matches_interpreter(B, H, W, C, dtype):
+    from pvt_fast.kernels import mlp_dwconv as md
+
+    x = torch.randn(B, H * W, C).to(dtype)
+    weight, bias = torch.randn(C, 1, 3, 3).to(dtype), torch.randn(C).to(dtype)
+    p = md.Problem(B, H, W, C, dtype)
+    with interpreter_bytes() as moved:
+        md.dwconv_gelu_fwd(x, H, W, weight, bias, False)
+    assert moved == _modelled(md.forward_cost(p))
+    with interpreter_bytes() as moved:
+        md.dwconv_gelu_bwd(x, x, H, W, weight, bias, True)
+    assert moved == _modelled(md.backward_cost(p))
+
+
+@interpreted
+@pytest.mark.parametrize("B, H, W, C, sr, x_dtype, dtype", [
+    (1, 9, 13, 24, 4, torch.float32, torch.float32), (2, 11, 7, 48, 2, torch.float16, torch.float16),
+    (1, 4, 5, 136, 2, torch.float32, torch.float32), (1, 6, 6, 160, 2, torch.float32, torch.float16)])
+def test_reduce_kv_model_matches_interpreter(B, H, W, C, sr, x_dtype, dtype):
+    """The launcher's own choice, and every blocking (whole rows, channel tiles) split and unsplit."""
+    from pvt_fast.kernels import reduce_kv as rk
+
+    x = torch.randn(B, H * W, C).to(x_dtype)
+    weight = torch.randn(C, C, sr, sr).to(dtype).contiguous(memory_format=torch.channels_last)
+    vec = torch.randn(C).to(dtype)
+    p = rk.Problem(B, H, W, C, sr, x_dtype, dtype)
+    with interpreter_bytes() as moved:
+        rk.reduce_kv(x, H, W, weight, vec, vec, vec, 1e-5)
+    assert moved == _modelled(rk.forward_cost(p, num_sms=1))
+    rows, x_bytes = B * (H // sr) * (W // sr), B * (H // sr) * (W // sr) * sr * sr * C * x.element_size()
+    blockings = rk._blockings(C, dtype, x_dtype)
+    for config in (dataclasses.replace(b, splits=s) for b in blockings for s in (1, 2)):
+        with interpreter_bytes() as moved:
+            rk.reduce_kv(x, H, W, weight, vec, vec, vec, 1e-5, config=config)
+        launches, _ = rk._gemm_launches(rows, config, p, x_bytes, "x")
+        assert moved == _modelled(OpCost(tuple(launches), 0, 0)), config
+
+
+@interpreted
+def test_reduce_kv_linear_model_matches_interpreter():
+    from pvt_fast.kernels import reduce_kv as rk
+
+    B, H, W, C = 2, 9, 15, 40
+    x = torch.randn(B, H * W, C)
+    weight, vec = torch.randn(C, C, 1, 1), torch.randn(C)
+    with interpreter_bytes() as moved:
+        rk.reduce_kv_linear(x, H, W, weight, vec, vec, vec, 1e-5)
+    assert moved == _modelled(rk.linear_forward_cost(rk.Problem(B, H, W, C, 1, torch.float32), num_sms=1))
+
+
+# --- the benchmark shapes -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return traffic.benchmark_rows()
+
+
+def test_every_fused_op_and_direction_is_modelled(rows):
+    ops = {row.op for row in rows}
+    assert ops == {f"{op} {d}" for op in ("patch_embed", "reduce_kv", "sra_attention", "dwconv_gelu")
+                   for d in ("fwd", "bwd")}
+    assert {row.stage.model for row in rows} == set(traffic.MODELS)
+    assert len({(row.stage.side, row.stage.batch) for row in rows}) == len(traffic.POINTS)
+
+
+def test_report_ends_with_the_worst_ratio(rows, capsys):
+    from pvt_fast.kernels import report
+
+    assert report.main(["--traffic", "--filter", "s1 224px b64 bfloat16"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) > 3 and all(re.search(r"  traffic x\d+\.\d\d$", line) for line in lines[2:-1]), lines
+    assert lines[-1].startswith("traffic: worst x") and "s1 224px b64 bfloat16" in lines[-1]
+
+
+# Where the kernels are not yet under R_LIMIT at the benchmark shapes: (op, dtype) -> the worst ratio allowed
+# for now and why. A ratchet: a row over its bound fails (a regression), and an entry with no row over
+# R_LIMIT any more fails too (remove it). The reasons are the open work of issue 12.
+RATIO_GAPS = {
+    ("patch_embed fwd", "bfloat16"): (26.0, "streamed plans (stages 2-4) re-read the packed weight per 32-64 "
+                                           "token tile; stage 4 at 1024 px has 32 tiles for 132 SMs"),
+    ("patch_embed fwd", "float32"): (4.3, "the same, partly hidden behind fp32 FMA time"),
+    ("reduce_kv fwd", "bfloat16"): (6.0, "a conv with K = sr^2 C >> C: each row block reads the whole weight "
+                                         "(L2), split-K partial sums cost fp32 round trips; C = 320 worst"),
+    ("sra_attention fwd", "bfloat16"): (3.1, "1024 px stages 2-4 at batch 1: each query block reads all of "
+                                             "its head's K/V; few query blocks for 132 SMs"),
+    ("sra_attention fwd", "float32"): (1.6, "exact fp32 dots use 16 x 16 FMA tiles: K/V read per 16 queries"),
+    ("sra_attention bwd", "bfloat16"): (3.1, "1024 px: three-kernel backward re-reads q/dO per 128 keys and "
+                                             "K/V per query block"),
+    ("sra_attention bwd", "float32"): (1.45, "16 x 16 FMA tiles, as the forward"),
+    ("dwconv_gelu fwd", "bfloat16"): (1.55, "each input row is loaded at three column shifts (L1 hits on a "
+                                            "GPU, counted as L2 traffic here) and 9 rows per 7"),
+    ("dwconv_gelu fwd", "float32"): (1.55, "as bf16"),
+    ("dwconv_gelu bwd", "bfloat16"): (3.2, "two passes: g written and read back, x read twice; one fused "
+                                           "pass is the fix"),
+    ("dwconv_gelu bwd", "float32"): (3.1, "as bf16"),
+}
+# (op, dtype) whose fused kernels the model predicts slower than the unfused PyTorch chain at some benchmark
+# shape. The chain is charged only its minimum bytes (its kernels' own tiling is unknown, GEMMs aside), the
+# fused kernels every tile load: the comparison leans against them, but these are the rows to fix.
+SLOWER_THAN_UNFUSED = {("patch_embed fwd", "bfloat16"), ("patch_embed fwd", "float32"),
+                       ("reduce_kv fwd", "bfloat16"), ("reduce_kv fwd", "float32"),
+                       ("sra_attention bwd", "float32"), ("dwconv_gelu bwd", "bfloat16"),
+                       ("dwconv_gelu bwd", "float32")}
+
+
+def _key(row):
+    return row.op, str(row.dtype)[6:]
+
+
+def test_ratio_at_the_benchmark_shapes(rows):
+    over = {}
+    for row in rows:
+        if not row.kernels:
+            continue
+        ratio = traffic.summarize(row.fused).ratio
+        bound, _ = RATIO_GAPS.get(_key(row), (traffic.R_LIMIT, ""))
+        assert ratio <= bound, f"{row.op} {row.shape}: traffic x{ratio:.2f} > {bound}"
+        if ratio > traffic.R_LIMIT:
+            over[_key(row)] = max(over.get(_key(row), 0), ratio)
+    assert set(over) == set(RATIO_GAPS), f"now under x{traffic.R_LIMIT}: {set(RATIO_GAPS) - set(over)}"
+
+
+def test_fused_not_slower_than_unfused(rows):
+    slower = {_key(row) for row in rows if row.kernels and
+              traffic.summarize(row.fused).predicted > traffic.summarize(row.unfused).predicted}
+    assert slower == SLOWER_THAN_UNFUSED, (f"newly slower: {slower - SLOWER_THAN_UNFUSED}; "
+                                           f"no longer slower: {SLOWER_THAN_UNFUSED - slower}")
