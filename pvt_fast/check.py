@@ -25,14 +25,12 @@ import copy
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from pvt_fast.profiler import synchronize
+from pvt_fast.profiler import median_seconds
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAD_FACTOR = 2.0  # the fused error may be at most this times the composite's, plus the dtype's eps
@@ -186,16 +184,7 @@ def stage_cases(name="pvt_v2_b2", shapes=STAGE_SHAPES):
 
 def _median_ms(call, device, timed):
     """Median milliseconds of ``call`` over TIMED_CALLS synchronized calls; None when not ``timed``."""
-    if not timed:
-        return None
-    times = []
-    for _ in range(TIMED_CALLS):
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_seconds(call, device, TIMED_CALLS) * 1e3 if timed else None
 
 
 def _leaves(args, dtype, device):

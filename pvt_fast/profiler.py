@@ -51,6 +51,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def median_seconds(call, device, repeat):
+    """Median wall seconds of ``call()`` over ``repeat`` calls, each between two device synchronizations."""
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def available_bytes(device):
     """Memory a new allocation can still get: free CUDA memory, or the host's MemAvailable."""
     device = torch.device(device)
@@ -329,14 +341,8 @@ def measure_plain_attention(model, size, batch, dtype, device, repeat, warmup):
         synchronize(device)
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         _, peak = peak_memory_bytes(run, device)
-        times = []
-        for _ in range(repeat):
-            synchronize(device)
-            t = time.perf_counter()
-            run()
-            synchronize(device)
-            times.append(time.perf_counter() - t)
-    return Measurement(label, size, statistics.median(times), peak - base)
+        seconds = median_seconds(run, device, repeat)
+    return Measurement(label, size, seconds, peak - base)
 
 
 # --- the whole profile ----------------------------------------------------------------------------------
