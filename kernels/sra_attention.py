@@ -264,12 +264,13 @@ def _sra_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_key_block(dq, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don, lse2, delta, k_base, v_base,
-                  key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
+def _dq_key_block(dq, ds_sum, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don, lse2, delta, k_base,
+                  v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
                   BLOCK_M: tl.constexpr, MASK_KEYS: tl.constexpr, RELOAD: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr):
-    """Adds dS K (unscaled) over keys [key_start, key_start + BLOCK_M) to dq; masks keys >= M if MASK_KEYS.
-    With RELOAD the q and dO rows are read again (from L1/L2) instead of being held in registers."""
+    """Adds dS K (unscaled) over keys [key_start, key_start + BLOCK_M) to dq and the rows' sums of dS (as
+    the dot saw it) to ds_sum; masks keys >= M if MASK_KEYS. With RELOAD the q and dO rows are read again
+    (from L1/L2) instead of being held in registers."""
     if RELOAD:
         row_mask = row_ok[:, None] & col_ok[None, :]
         q = tl.load(q_block + row_idx[:, None] * stride_qn + cols[None, :], mask=row_mask, other=0.0)
@@ -281,9 +282,15 @@ def _dq_key_block(dq, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stri
         # A padded key scores 0, whose exp can overflow when every real score is very negative.
         p = tl.where((keys < M)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-    return dq
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    dq += tl.dot(ds, k, input_precision=INPUT_PRECISION)
+    return dq, ds_sum + tl.sum(ds.to(tl.float32), 1)
+
+
+@triton.jit
+def _key_offset(k_base, cols, col_ok):
+    """The head's first key, in fp32: the offset taken out of dQ (see :func:`_sra_attention_bwd_dq_kernel`)."""
+    return tl.load(k_base + cols, mask=col_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -298,7 +305,15 @@ def _sra_attention_bwd_dq_kernel(
     dS = P * (dO V^T - delta) with P = exp(scale Q K^T - lse). q_ptr, do_ptr, dq_ptr: (B, N, heads*HEAD_DIM)
     with the given strides (last 1); kv_ptr: (B, M, 2*heads*HEAD_DIM); lse_ptr, delta_ptr: (B, heads, N) fp32.
     Masked: rows >= N (lse = +inf gives P = 0; not stored), keys >= M (P forced to 0, only in the last key
-    block), columns >= HEAD_DIM. RELOAD re-reads the q and dO rows every key block (large head dims and fp32).
+    block), columns >= HEAD_DIM.
+
+    dS sums to zero over the keys in exact arithmetic, so a shift k0 shared by all keys (a key bias) adds
+    nothing to dQ; in floating point delta and the recomputed P are not exactly consistent (delta comes from
+    the rounded O), and ``rowsum(dS) * k0`` would add an error that grows with |k0|. The kernel takes it out:
+    dQ = dS K - rowsum(dS) k0 with k0 the head's first key and rowsum over the dS the dot used (the same
+    function, exact in real arithmetic), so the error follows the keys' spread, as autograd's does (the
+    one-block kernel has no such term: it holds every key). RELOAD re-reads the q and dO rows every key
+    block (large head dims and fp32).
     FLOPs 6 * BLOCK_N * M * HEAD_DIM per program. Bytes: q, dO (per key block with RELOAD) and dQ rows once,
     K/V of the head once per program (from L2), lse and delta 8 bytes per row.
     """
@@ -327,15 +342,17 @@ def _sra_attention_bwd_dq_kernel(
     v_base = k_base + heads * HEAD_DIM
 
     dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    ds_sum = tl.zeros((BLOCK_N,), tl.float32)
     full_end = (M // BLOCK_M) * BLOCK_M
     for key_start in range(0, full_end, BLOCK_M):
-        dq = _dq_key_block(dq, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don, lse2, delta, k_base,
-                           v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2, BLOCK_M, False, RELOAD,
-                           INPUT_PRECISION)
+        dq, ds_sum = _dq_key_block(dq, ds_sum, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don,
+                                   lse2, delta, k_base, v_base, key_start, M, stride_kvm, cols, col_ok, qk_scale_log2,
+                                   BLOCK_M, False, RELOAD, INPUT_PRECISION)
     if full_end < M:
-        dq = _dq_key_block(dq, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don, lse2, delta, k_base,
-                           v_base, full_end, M, stride_kvm, cols, col_ok, qk_scale_log2, BLOCK_M, True, RELOAD,
-                           INPUT_PRECISION)
+        dq, ds_sum = _dq_key_block(dq, ds_sum, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don,
+                                   lse2, delta, k_base, v_base, full_end, M, stride_kvm, cols, col_ok, qk_scale_log2,
+                                   BLOCK_M, True, RELOAD, INPUT_PRECISION)
+    dq -= ds_sum[:, None] * _key_offset(k_base, cols, col_ok)[None, :]
     dq_ptrs = dq_ptr + b * stride_dqb + h * HEAD_DIM + rows[:, None] * stride_dqn + cols[None, :]
     tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
@@ -683,7 +700,7 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
         HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_N=_DELTA_BLOCK_N,
     )
     if grad_lse is not None:
-        delta -= grad_lse
+        delta -= grad_lse  # then rowsum(dS) = grad_lse, not 0: the dQ kernel's k0 term is added back below
 
     cfg = plan.dkdv
     _sra_attention_bwd_dkdv_kernel[plan.dkdv_grid](
@@ -703,6 +720,10 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **meta,
     )
+    if grad_lse is not None:  # dQ = scale (dS (K - k0) + grad_lse k0): the kernel wrote the first term
+        k0 = kv[:, :1, :p.C].float().view(p.B, 1, num_heads, p.head_dim)
+        dq_heads = dq.view(p.B, p.N, num_heads, p.head_dim)
+        dq_heads.copy_(dq_heads.float() + scale * grad_lse.float().transpose(1, 2)[..., None] * k0)
     return dq, dkv
 
 
@@ -743,6 +764,7 @@ def backward_cost(p, num_sms=SMS, num_splits=None):
     e, d, bh = p.elem, p.head_dim, p.B * p.heads
     q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
     head_kv = 2 * p.M * d * e
+    key_offset = d * e  # the head's first key, read once more by each dQ program (see the dQ kernel)
     splits = plan.num_splits
     split_rows = [min(plan.rows_per_split, p.N - s * plan.rows_per_split) for s in range(splits)]
     out_elem = e if splits == 1 else 4
@@ -788,7 +810,8 @@ def backward_cost(p, num_sms=SMS, num_splits=None):
     launches.append(Launch("sra_attention_bwd_dq", n_blocks * bh, (
         Access("q", q_bytes, loaded=row_loads * q_bytes), Access("grad_o", q_bytes, loaded=row_loads * q_bytes),
         Access("lse", rows_f32, loaded=rows_f32), Access("delta", rows_f32, loaded=rows_f32),
-        Access("kv", kv_bytes, loaded=n_blocks * bh * head_kv, reuse_set=reuse_set(head_kv, n_blocks)),
+        Access("kv", kv_bytes, loaded=n_blocks * bh * (head_kv + key_offset),
+               reuse_set=reuse_set(head_kv, n_blocks)),
         Access("dq", q_bytes, stored=q_bytes),
     ), flops=n_blocks * bh * key_blocks * 6 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot)))
     return OpCost(tuple(launches), minimum, useful)
