@@ -9,6 +9,7 @@ import torch
 from pvt_fast.kernels import mlp_dwconv as kernels
 from pvt_fast.ops.eager import dwconv_gelu_reference
 from pvt_fast.ops.mlp_dwconv import dwconv_gelu
+import helpers
 
 # (B, H, W, hidden). Tiles are 7 rows x (16 columns x 64 channels, or 8 x 128 when W <= 8): these cover
 # 1-pixel images and rows, row/column/channel tails, several programs along each axis and batch 2.
@@ -46,19 +47,9 @@ def reference(x, H, W, weight, bias, relu_prologue, grad_out):
 
 
 def assert_close(actual, expected, tol, what):
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    atol, rtol = tol
-    actual = actual.detach().cpu().double()
-    err = (actual - expected).abs()
-    scale = expected.abs().max().item() or 1.0
-    bad = ~(err <= atol * scale + rtol * expected.abs())  # NaN (an unwritten, poisoned element) is bad
-    if bad.any():
-        where = tuple(bad.nonzero()[0].tolist())
-        pytest.fail(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {where}: "
-            f"got {actual[where].item():.8g}, expected {expected[where].item():.8g}; "
-            f"max error {err.nan_to_num(float('inf')).max().item():.3g} (scale {scale:.3g})"
-        )
+    """Every element within ``tol`` = (atol relative to the largest |expected|, rtol) of ``expected``."""
+    atol_of_max, rtol = tol
+    helpers.assert_close(actual, expected, atol_of_max=atol_of_max, rtol=rtol, what=what)
 
 
 def run_kernels(x, H, W, weight, bias, relu_prologue, grad_out):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pvt_fast.ops import patch_embed as pe
+from helpers import assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,16 +56,8 @@ def _reference(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, la
 
 
 def _assert_close(out, ref, atol, rtol, what):
-    """Every element within atol + rtol * |ref|; on failure names the first bad (b, token, channel)."""
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    out64 = out.double()
-    err = (out64 - ref).abs()
-    bad = ~(err <= atol + rtol * ref.abs())  # NaN counts as bad
-    if bad.any():
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements off; first at (b, token, "
-                             f"channel) = {idx}: got {out64[idx].item():.6g}, expected {ref[idx].item():.6g}; "
-                             f"max |err| {err.nan_to_num(float('inf')).max().item():.3g}")
+    """Every element within atol + rtol * |ref|."""
+    assert_close(out, ref, atol=atol, rtol=rtol, what=what)
 
 
 # --- the composite (every device without the CUDA kernel) ---------------------------------------------

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pvt_fast.ops import eager
 from pvt_fast.ops import reduce_kv as ops
+from helpers import assert_close, lowp_error
 
 EPS = 1e-5
 ERROR_BOUND = {  # dtype: (RATIO, FLOOR)
@@ -77,17 +78,7 @@ def _run(fn, x, H, W, params, dtype=None):
 def _assert_close(out, ref64, lowp, what):
     """``out`` within the dtype's bound of ``ref64``; ``lowp`` is PyTorch's own result in out's dtype."""
     ratio, floor = ERROR_BOUND[out.dtype]
-    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)}, expected {tuple(ref64.shape)}"
-    err = (out.double() - ref64).abs()
-    bound = ratio * (lowp.double() - ref64).abs().max().item() + floor
-    bad = ~(err <= bound)  # NaN counts as bad
-    if bad.any():
-        first = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {err.numel()} elements off by more than {bound:.3g} "
-            f"(max error {err.nan_to_num(float('inf')).max().item():.3g}); first at {first}: "
-            f"got {out[first].item()}, expected {ref64[first].item()}"
-        )
+    assert_close(out, ref64, atol=ratio * lowp_error(lowp, ref64) + floor, what=what)
 
 
 # kernels ------------------------------------------------------------------------------------------------
