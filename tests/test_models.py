@@ -329,6 +329,33 @@ def test_grad_checkpointing_same_outputs_and_grads(name):
         torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["pvt_tiny", "pvt_v2_b0", "pvt_v2_b2_li"])
+def test_cpu_inference_on_batch_slices(name, monkeypatch):
+    """CPU inference runs each stage's blocks on batch slices when the batch's MLP activations would be large:
+    the same outputs as the whole batch, every slice really taken, and never in training mode."""
+    from pvt_fast.models import layers
+
+    model = make(name, "sdpa", num_classes=5).eval()
+    x = torch.randn(3, 3, 64, 80)
+    seen = []
+    monkeypatch.setattr(layers.Block, "forward", lambda self, t, H, W, f=layers.Block.forward: (
+        seen.append(t.shape[0]), f(self, t, H, W))[1])
+
+    def run(slice_bytes):
+        seen.clear()
+        monkeypatch.setattr(layers, "CPU_SLICE_BYTES", slice_bytes)
+        with torch.no_grad():
+            return model(x), set(seen)
+
+    whole, batches = run(1 << 40)
+    assert batches == {3}
+    sliced, batches = run(1)  # one sample per slice
+    assert batches == {1}
+    assert_close_rel(sliced, whole, 1e-5, "logits")  # GEMMs of other sizes round differently
+    model.train()
+    assert run(1)[1] == {3}, "training mode (dropout, drop-path) runs the batch whole"
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 def test_channels_last_and_noncontiguous_inputs(backend):
     model = make("pvt_v2_b0", backend)

@@ -215,8 +215,31 @@ def bind_backend(module, backend):
             m.bind_ops(get_backend_ops(backend))
 
 
+# CPU inference runs a stage's blocks on batch slices whose MLP hidden tensor stays under this size. A larger
+# activation comes from glibc's mmap (above its threshold, at most 32 MiB) and is page-faulted in again on
+# every call; slices also keep a block's working set in cache. Each sample's tokens go through the same ops.
+CPU_SLICE_BYTES = 8 << 20
+
+
+def cpu_inference_slice(blocks, x):
+    """Samples per slice for running ``blocks`` on ``x`` (B, N, C), or ``None`` to run the batch whole: only
+    for CPU inference (no autograd, eval mode) and never while compiling, exporting or tracing, so a graph
+    never holds a batch-sized split."""
+    if (len(blocks) == 0 or x.device.type != "cpu" or x.shape[0] < 2 or torch.is_grad_enabled()
+            or blocks[0].training or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return None
+    hidden = blocks[0].mlp.fc1.out_features
+    per_sample = x.shape[1] * hidden * x.element_size()
+    slice_size = max(1, CPU_SLICE_BYTES // per_sample)
+    return slice_size if slice_size < x.shape[0] else None
+
+
 def run_blocks(blocks, x, H, W, checkpointing):
-    """Run a stage's blocks, recomputing each in backward when ``checkpointing`` (same numbers)."""
+    """Run a stage's blocks, recomputing each in backward when ``checkpointing`` (same numbers); in CPU
+    inference, on batch slices (see :func:`cpu_inference_slice`)."""
+    slice_size = cpu_inference_slice(blocks, x)
+    if slice_size is not None:
+        return torch.cat([run_blocks(blocks, part, H, W, False) for part in x.split(slice_size)])
     for blk in blocks:
         if checkpointing and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(blk, x, H, W, use_reentrant=False)
