@@ -288,9 +288,10 @@ def _dq_key_block(dq, ds_sum, q, do, q_block, do_block, row_idx, row_ok, stride_
 
 
 @triton.jit
-def _key_offset(k_base, cols, col_ok):
-    """The head's first key, in fp32: the offset taken out of dQ (see :func:`_sra_attention_bwd_dq_kernel`)."""
-    return tl.load(k_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+def _key_offset(k_base, M, cols, col_ok):
+    """The head's first key (zero without keys), in fp32: the offset taken out of dQ (see
+    :func:`_sra_attention_bwd_dq_kernel`)."""
+    return tl.load(k_base + cols, mask=col_ok & (M > 0), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -310,8 +311,9 @@ def _sra_attention_bwd_dq_kernel(
     dS sums to zero over the keys in exact arithmetic, so a shift k0 shared by all keys (a key bias) adds
     nothing to dQ; in floating point delta and the recomputed P are not exactly consistent (delta comes from
     the rounded O), and ``rowsum(dS) * k0`` would add an error that grows with |k0|. The kernel takes it out:
-    dQ = dS K - rowsum(dS) k0 with k0 the head's first key and rowsum over the dS the dot used (the same
-    function, exact in real arithmetic), so the error follows the keys' spread, as autograd's does (the
+    dQ = dS K - rowsum(dS) k0 with k0 the head's first key and rowsum over dS as rounded for the dot (16-bit
+    inputs; a tf32 dot rounds inside) (the same function in exact arithmetic), so the error follows the keys'
+    spread, as autograd's does (the
     one-block kernel has no such term: it holds every key). RELOAD re-reads the q and dO rows every key
     block (large head dims and fp32).
     FLOPs 6 * BLOCK_N * M * HEAD_DIM per program. Bytes: q, dO (per key block with RELOAD) and dQ rows once,
@@ -352,7 +354,7 @@ def _sra_attention_bwd_dq_kernel(
         dq, ds_sum = _dq_key_block(dq, ds_sum, q, do, q_block, do_block, row_idx, row_ok, stride_qn, stride_don,
                                    lse2, delta, k_base, v_base, full_end, M, stride_kvm, cols, col_ok, qk_scale_log2,
                                    BLOCK_M, True, RELOAD, INPUT_PRECISION)
-    dq -= ds_sum[:, None] * _key_offset(k_base, cols, col_ok)[None, :]
+    dq -= ds_sum[:, None] * _key_offset(k_base, M, cols, col_ok)[None, :]
     dq_ptrs = dq_ptr + b * stride_dqb + h * HEAD_DIM + rows[:, None] * stride_dqn + cols[None, :]
     tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
 
@@ -700,7 +702,7 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
         HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_N=_DELTA_BLOCK_N,
     )
     if grad_lse is not None:
-        delta -= grad_lse  # then rowsum(dS) = grad_lse, not 0: the dQ kernel's k0 term is added back below
+        delta -= grad_lse
 
     cfg = plan.dkdv
     _sra_attention_bwd_dkdv_kernel[plan.dkdv_grid](
@@ -713,17 +715,20 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
         dkv.copy_(partial.sum(0))
 
     cfg = plan.dq
+    # With a gradient into lse, rowsum(dS) = grad_lse, not 0: the kernel's dS (K - k0) goes to an fp32 buffer
+    # and grad_lse k0 is added there, so a 16-bit dQ is rounded once.
+    dq_out = dq if grad_lse is None else torch.empty(dq.shape, dtype=torch.float32, device=dq.device)
     _sra_attention_bwd_dq_kernel[plan.dq_grid](
-        q, kv, grad_o, lse, delta, dq, scale, scale * LOG2E, p.N, p.M, num_heads,
+        q, kv, grad_o, lse, delta, dq_out, scale, scale * LOG2E, p.N, p.M, num_heads,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), grad_o.stride(0), grad_o.stride(1),
-        dq.stride(0), dq.stride(1),
+        dq_out.stride(0), dq_out.stride(1),
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, RELOAD=cfg.reload, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **meta,
     )
     if grad_lse is not None:  # dQ = scale (dS (K - k0) + grad_lse k0): the kernel wrote the first term
         k0 = kv[:, :1, :p.C].float().view(p.B, 1, num_heads, p.head_dim)
-        dq_heads = dq.view(p.B, p.N, num_heads, p.head_dim)
-        dq_heads.copy_(dq_heads.float() + scale * grad_lse.float().transpose(1, 2)[..., None] * k0)
+        lse_term = scale * grad_lse.float().transpose(1, 2)[..., None] * k0
+        dq.copy_((dq_out.view(p.B, p.N, num_heads, p.head_dim) + lse_term).view(dq.shape))
     return dq, dkv
 
 
@@ -828,8 +833,10 @@ _FP32_ARGS = ("scale", "qk_scale_log2")
 
 
 def _signature(fn, elem, constexprs, out_elem=None):
-    """Triton types of fn's arguments: tensors of ``elem`` (lse/delta fp32; dkv ``out_elem`` if given)."""
-    types = {"lse_ptr": "fp32", "delta_ptr": "fp32", "dkv_ptr": out_elem or elem}
+    """Triton types of fn's arguments: tensors of ``elem`` (lse/delta fp32; if ``out_elem`` is given, the dQ
+    kernel's dq, else dkv, of that type: fp32 partial sums of split query ranges, fp32 dQ with grad_lse)."""
+    out = "dq_ptr" if "dkv_ptr" not in fn.arg_names else "dkv_ptr"
+    types = {"lse_ptr": "fp32", "delta_ptr": "fp32", out: out_elem or elem}
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -877,7 +884,7 @@ def aot_specs():
                         continue
                     spec = _spec(kernel, dtype, dot_inputs, head_dim, M)
                     specs[spec.name] = spec
-                    if dot_inputs == "16-bit" and kernel.startswith(("dkdv", "one")):
+                    if dot_inputs == "16-bit" and kernel.startswith(("dkdv", "one", "dq")):
                         spec = _spec(kernel, dtype, dot_inputs, head_dim, M, out_elem="fp32")
                         specs[spec.name] = spec
             if dot_inputs != "tf32":
