@@ -65,6 +65,45 @@ def test_forward_runs_through_the_op_table(name):
     assert bound and called == set(bound) - heads
 
 
+@pytest.mark.parametrize("name", ["timm", "hf-segformer", "smp-mit-encoder"])
+def test_cpu_inference_mlp_on_batch_slices(name, monkeypatch):
+    """In CPU inference the accelerated MLPs run on batch slices (pvt_fast.models.layers.cpu_inference_slice):
+    the untouched model's outputs, every slice taken; an MLP whose fc1 has a hook runs the batch whole (the
+    hook sees it once), and training mode never slices."""
+    from pvt_fast.hosts import blocks
+    from pvt_fast.models import layers
+
+    model, plain = accelerated_pair(name)
+    model.eval()
+    plain.eval()
+    seen = []
+    mlp = blocks._mlp
+    monkeypatch.setattr(blocks, "_mlp", lambda self, binding, x, H, W: (seen.append(x.shape[0]),
+                                                                       mlp(self, binding, x, H, W))[1])
+    monkeypatch.setattr(layers, "CPU_SLICE_BYTES", 1)  # one sample per slice
+    x = torch.randn(3, 3, *HOSTS[name][1][0])
+    with torch.no_grad():
+        want = output(plain(x))
+        got = output(model(x))
+    assert seen and set(seen) == {1}
+    assert_close_rel(got, want, FORWARD_TOL)
+
+    hooked = next(m for m in model.modules() if getattr(m, "_pvt_fast", None) and m._pvt_fast.kind == blocks.MLP)
+    batches = []
+    blocks.get(hooked, hooked._pvt_fast.parts.fc1).register_forward_hook(
+        lambda module, args, out: batches.append(args[0].shape[0]))
+    seen.clear()
+    with torch.no_grad():
+        assert_close_rel(output(model(x)), want, FORWARD_TOL)
+    assert batches == [3] and seen.count(3) == 1 and set(seen) == {1, 3}
+
+    model.train()
+    seen.clear()
+    with torch.no_grad():
+        model(x)
+    assert set(seen) == {3}
+
+
 @pytest.mark.parametrize("name", DISTINCT)
 def test_gradients_match_untouched(name):
     model, plain = accelerated_pair(name)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from pvt_fast.hosts.common import (Binding, Signature, Unsupported, check_conv, check_layer_norm, computes_gelu,
                                    get, has_hooks, holds_only, host_forward, present, require)
+from pvt_fast.models.layers import cpu_inference_slice
 
 SR_CONV, SR_NONE, SR_POOL = "attention (sr conv)", "attention (sr 1)", "attention (linear, pool 7)"
 MLP = "mlp (dwconv)"
@@ -170,11 +171,23 @@ def match_mlp(module, parts):
 
 def mlp_forward(self, *args, **kwargs):
     binding = self._pvt_fast
-    parts = binding.parts
     values = binding.arguments(self, args, kwargs)
     if values is None:
         return host_forward(self, args, kwargs)
     x, H, W = binding.grid(values)
+    fc1, fc2 = get(self, binding.parts.fc1), get(self, binding.parts.fc2)
+    # CPU inference on batch slices (as pvt_fast's own stages; see cpu_inference_slice), unless a hook on
+    # fc1 or fc2 would then see slices of the batch.
+    slice_size = None if has_hooks(fc1) or has_hooks(fc2) else cpu_inference_slice(x, fc1.out_features,
+                                                                                    self.training)
+    if slice_size is not None:
+        return torch.cat([_mlp(self, binding, part, H, W) for part in x.split(slice_size)])
+    return _mlp(self, binding, x, H, W)
+
+
+def _mlp(self, binding, x, H, W):
+    """fc1 -> [ReLU] -> depthwise 3x3 + bias -> GELU -> dropout -> fc2 -> dropout, through the op table."""
+    parts = binding.parts
     conv = get(self, binding.fused[0])
     drop = get(self, parts.drop)
     ops = binding.ops

@@ -221,23 +221,23 @@ def bind_backend(module, backend):
 CPU_SLICE_BYTES = 8 << 20
 
 
-def cpu_inference_slice(blocks, x):
-    """Samples per slice for running ``blocks`` on ``x`` (B, N, C), or ``None`` to run the batch whole: only
-    for CPU inference (no autograd, eval mode) and never while compiling, exporting or tracing, so a graph
-    never holds a batch-sized split."""
-    if (len(blocks) == 0 or x.device.type != "cpu" or x.shape[0] < 2 or torch.is_grad_enabled()
-            or blocks[0].training or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+def cpu_inference_slice(x, hidden, training):
+    """Samples per slice for running an MLP of ``hidden`` channels (or blocks holding one) on tokens ``x``
+    (B, N, C), or ``None`` to run the batch whole: only for CPU inference (no autograd, not ``training``) and
+    never while compiling, exporting or tracing, so a graph never holds a batch-sized split."""
+    if (x.device.type != "cpu" or x.dim() != 3 or x.shape[0] < 2 or torch.is_grad_enabled() or training
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return None
-    hidden = blocks[0].mlp.fc1.out_features
     per_sample = x.shape[1] * hidden * x.element_size()
-    slice_size = max(1, CPU_SLICE_BYTES // per_sample)
+    slice_size = max(1, CPU_SLICE_BYTES // max(per_sample, 1))
     return slice_size if slice_size < x.shape[0] else None
 
 
 def run_blocks(blocks, x, H, W, checkpointing):
     """Run a stage's blocks, recomputing each in backward when ``checkpointing`` (same numbers); in CPU
     inference, on batch slices (see :func:`cpu_inference_slice`)."""
-    slice_size = cpu_inference_slice(blocks, x)
+    slice_size = None if len(blocks) == 0 else cpu_inference_slice(x, blocks[0].mlp.fc1.out_features,
+                                                                   blocks[0].training)
     if slice_size is not None:
         return torch.cat([run_blocks(blocks, part, H, W, False) for part in x.split(slice_size)])
     for blk in blocks:
