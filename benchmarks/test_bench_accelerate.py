@@ -20,7 +20,7 @@ from pvt_fast.hosts.zoo import host_pair
 
 HOSTS = {"timm": "timm:pvt_v2_b2", "hf-segformer": "hf-segformer-b2"}
 IMPLS = [impl for host in HOSTS for impl in (host, f"{host}-accelerated")]
-CASES = cases(cpu=[(224, 1)], cuda=[(512, 16), (1024, 4), (2048, 1)])
+CASES = cases(cpu=[(224, 1), (224, 8)], cuda=[(512, 16), (1024, 4), (2048, 1)])
 DECODER, MLP_HIDDEN = 768, 8 * 64  # SegFormer-b2's decoder width; timm b2's widest stage-1 MLP
 
 

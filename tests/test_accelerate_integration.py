@@ -224,6 +224,7 @@ def _ddp_worker(rank, init_file, state, batch, out):
         output(ddp(x)).square().mean().backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+        dist.barrier()  # both ranks done before either tears gloo down (a rank left alone aborted)
     finally:
         dist.destroy_process_group()
 

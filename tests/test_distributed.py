@@ -42,6 +42,7 @@ def _worker(rank, init_file, state, batches, out):
         if rank == 0:
             strip = len("module.")
             torch.save(({n[strip:]: g for n, g in grads.items()}, {n[strip:]: w for n, w in weights.items()}), out)
+        dist.barrier()  # both ranks done before either tears gloo down (a rank left alone aborted)
     finally:
         dist.destroy_process_group()
 
