@@ -68,8 +68,9 @@ def test_forward_runs_through_the_op_table(name):
 @pytest.mark.parametrize("name", ["timm", "hf-segformer", "smp-mit-encoder"])
 def test_cpu_inference_mlp_on_batch_slices(name, monkeypatch):
     """In CPU inference the accelerated MLPs run on batch slices (pvt_fast.models.layers.cpu_inference_slice):
-    the untouched model's outputs, every slice taken; an MLP whose fc1 has a hook runs the batch whole (the
-    hook sees it once), and training mode never slices."""
+    the untouched model's outputs at a non-square size, every slice taken; an MLP whose fc1, fc2 or dropout
+    has a hook runs the batch whole (the hook sees it once), as does one whose dropout is training, and
+    training mode never slices."""
     from pvt_fast.hosts import blocks
     from pvt_fast.models import layers
 
@@ -81,21 +82,28 @@ def test_cpu_inference_mlp_on_batch_slices(name, monkeypatch):
     monkeypatch.setattr(blocks, "_mlp", lambda self, binding, x, H, W: (seen.append(x.shape[0]),
                                                                        mlp(self, binding, x, H, W))[1])
     monkeypatch.setattr(layers, "CPU_SLICE_BYTES", 1)  # one sample per slice
-    x = torch.randn(3, 3, *HOSTS[name][1][0])
+    size = next(hw for hw in HOSTS[name][1] if hw[0] != hw[1])
+    x = torch.randn(3, 3, *size)
     with torch.no_grad():
         want = output(plain(x))
         got = output(model(x))
     assert seen and set(seen) == {1}
     assert_close_rel(got, want, FORWARD_TOL)
 
-    hooked = next(m for m in model.modules() if getattr(m, "_pvt_fast", None) and m._pvt_fast.kind == blocks.MLP)
-    batches = []
-    blocks.get(hooked, hooked._pvt_fast.parts.fc1).register_forward_hook(
-        lambda module, args, out: batches.append(args[0].shape[0]))
+    mlps = [m for m in model.modules() if getattr(m, "_pvt_fast", None) and m._pvt_fast.kind == blocks.MLP]
+    for part, hooked in zip(("fc1", "fc2", "drop"), mlps):
+        batches = []
+        blocks.get(hooked, getattr(hooked._pvt_fast.parts, part)).register_forward_hook(
+            lambda module, args, out: batches.append(args[0].shape[0]))
+        seen.clear()
+        with torch.no_grad():
+            assert_close_rel(output(model(x)), want, FORWARD_TOL)
+        assert set(batches) == {3}, f"a hook on {part} saw batches {batches}"
+    blocks.get(mlps[3], mlps[3]._pvt_fast.parts.drop).train()  # a dropout put back in training: its masks
     seen.clear()
     with torch.no_grad():
-        assert_close_rel(output(model(x)), want, FORWARD_TOL)
-    assert batches == [3] and seen.count(3) == 1 and set(seen) == {1, 3}
+        model(x)
+    assert seen.count(3) == 4  # the three hooked MLPs and this one ran whole
 
     model.train()
     seen.clear()

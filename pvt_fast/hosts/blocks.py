@@ -175,11 +175,12 @@ def mlp_forward(self, *args, **kwargs):
     if values is None:
         return host_forward(self, args, kwargs)
     x, H, W = binding.grid(values)
-    fc1, fc2 = get(self, binding.parts.fc1), get(self, binding.parts.fc2)
+    parts = binding.parts
+    fc1, fc2, drop = get(self, parts.fc1), get(self, parts.fc2), get(self, parts.drop)
     # CPU inference on batch slices (as pvt_fast's own stages; see cpu_inference_slice), unless a hook on
-    # fc1 or fc2 would then see slices of the batch.
-    slice_size = None if has_hooks(fc1) or has_hooks(fc2) else cpu_inference_slice(x, fc1.out_features,
-                                                                                    self.training)
+    # fc1, fc2 or the dropout would then see slices of the batch, or that dropout is training.
+    hooked = has_hooks(fc1) or has_hooks(fc2) or has_hooks(drop)
+    slice_size = None if hooked else cpu_inference_slice(x, fc1.out_features, self.training or drop.training)
     if slice_size is not None:
         return torch.cat([_mlp(self, binding, part, H, W) for part in x.split(slice_size)])
     return _mlp(self, binding, x, H, W)
