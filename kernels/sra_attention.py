@@ -311,11 +311,11 @@ def _sra_attention_bwd_dq_kernel(
     dS sums to zero over the keys in exact arithmetic, so a shift k0 shared by all keys (a key bias) adds
     nothing to dQ; in floating point delta and the recomputed P are not exactly consistent (delta comes from
     the rounded O), and ``rowsum(dS) * k0`` would add an error that grows with |k0|. The kernel takes it out:
-    dQ = dS K - rowsum(dS) k0 with k0 the head's first key and rowsum over dS as rounded for the dot (16-bit
-    inputs; a tf32 dot rounds inside) (the same function in exact arithmetic), so the error follows the keys'
-    spread, as autograd's does (the
-    one-block kernel has no such term: it holds every key). RELOAD re-reads the q and dO rows every key
-    block (large head dims and fp32).
+    dQ = dS K - rowsum(dS) k0, k0 the head's first key, rowsum over dS as rounded for the dot (16-bit inputs;
+    a tf32 dot rounds inside): the same function in exact arithmetic, whose error follows the keys' spread, as
+    autograd's does. (The one-block kernel keeps flash attention's delta without this term.)
+
+    RELOAD re-reads the q and dO rows every key block (large head dims and fp32).
     FLOPs 6 * BLOCK_N * M * HEAD_DIM per program. Bytes: q, dO (per key block with RELOAD) and dQ rows once,
     K/V of the head once per program (from L2), lse and delta 8 bytes per row.
     """

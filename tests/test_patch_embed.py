@@ -55,11 +55,6 @@ def _reference(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, la
                         norm_bias.double(), eps)
 
 
-def _assert_close(out, ref, atol, rtol, what):
-    """Every element within atol + rtol * |ref|."""
-    assert_close(out, ref, atol=atol, rtol=rtol, what=what)
-
-
 # --- the composite (every device without the CUDA kernel) ---------------------------------------------
 
 
@@ -71,7 +66,7 @@ def test_composite_matches_conv_layernorm(geometry, layout):
     tokens, Ho, Wo = pe.patch_embed(*args, 1e-6, s, p, layout)
     assert (Ho, Wo) == ((H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1)
     assert tokens.shape == (B, Ho * Wo, Cout) and tokens.dtype == torch.float32 and tokens.is_contiguous()
-    _assert_close(tokens, _reference(*args, s, p, 1e-6, layout), 1e-5, 1e-5, "composite fp32")
+    assert_close(tokens, _reference(*args, s, p, 1e-6, layout), atol=1e-5, rtol=1e-5, what="composite fp32")
 
 
 def test_composite_bf16_input_fp32_params():
@@ -79,18 +74,19 @@ def test_composite_bf16_input_fp32_params():
     args = _make_inputs(2, 8, 11, 7, 40, 2, "nhwc", dtype=torch.bfloat16, param_dtype=torch.float32)
     tokens, _, _ = pe.patch_embed(*args, 1e-5, 2, 0, "nhwc")
     assert tokens.dtype == torch.bfloat16
-    _assert_close(tokens, _reference(*args, 2, 0, 1e-5, "nhwc"), 1e-2, 1e-2, "composite bf16")
+    assert_close(tokens, _reference(*args, 2, 0, 1e-5, "nhwc"), atol=1e-2, rtol=1e-2, what="composite bf16")
 
 
 def test_strided_input():
     """Any strides: a channels-last image read as "nchw" and a sliced grid read as "nhwc"."""
     x, weight, bias, nw, nb = _make_inputs(2, 5, 14, 10, 24, 2, "nchw")
     x_cl = x.to(memory_format=torch.channels_last)
-    _assert_close(pe.patch_embed(x_cl, weight, bias, nw, nb, 1e-5, 2, 0, "nchw")[0],
-                  _reference(x, weight, bias, nw, nb, 2, 0, 1e-5, "nchw"), 1e-5, 1e-5, "channels-last nchw")
+    assert_close(pe.patch_embed(x_cl, weight, bias, nw, nb, 1e-5, 2, 0, "nchw")[0],
+                 _reference(x, weight, bias, nw, nb, 2, 0, 1e-5, "nchw"), atol=1e-5, rtol=1e-5,
+                 what="channels-last nchw")
     grid = torch.randn(2, 14, 12, 5)[:, :, 1:11]
-    _assert_close(pe.patch_embed(grid, weight, bias, nw, nb, 1e-5, 2, 0, "nhwc")[0],
-                  _reference(grid, weight, bias, nw, nb, 2, 0, 1e-5, "nhwc"), 1e-5, 1e-5, "sliced nhwc")
+    assert_close(pe.patch_embed(grid, weight, bias, nw, nb, 1e-5, 2, 0, "nhwc")[0],
+                 _reference(grid, weight, bias, nw, nb, 2, 0, 1e-5, "nhwc"), atol=1e-5, rtol=1e-5, what="sliced nhwc")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -117,7 +113,7 @@ def test_out_variant_writes_every_element():
     args = _make_inputs(2, 3, 13, 9, 16, 4, "nchw")
     out = torch.full((2, 6, 16), float("nan"))
     torch.ops.pvt_fast._patch_embed_out(*args, 4, 0, 1e-5, "nchw", out)
-    _assert_close(out, _reference(*args, 4, 0, 1e-5, "nchw"), 1e-5, 1e-5, "out variant")
+    assert_close(out, _reference(*args, 4, 0, 1e-5, "nchw"), atol=1e-5, rtol=1e-5, what="out variant")
     with pytest.raises(ValueError, match=r"out must be a \(B, Ho\*Wo, Cout\) == \(2, 6, 16\)"):
         torch.ops.pvt_fast._patch_embed_out(*args, 4, 0, 1e-5, "nchw", torch.empty(2, 6, 15))
 
@@ -372,8 +368,9 @@ def test_cuda_kernel_matches_reference(geometry, dtype):
     args = _make_inputs(B, Cin, H, W, Cout, k, layout, dtype=dtype, device="cuda")
     out = _run_kernel_poisoned(args, s, p, 1e-6, layout)
     atol, rtol = CUDA_TOLERANCES[dtype]
-    _assert_close(out, _reference(*args, s, p, 1e-6, layout), atol, rtol, f"cuda {dtype}")
-    _assert_close(pe.patch_embed(*args, 1e-6, s, p, layout)[0], out.double(), 0, 0, "functional == out variant")
+    assert_close(out, _reference(*args, s, p, 1e-6, layout), atol=atol, rtol=rtol, what=f"cuda {dtype}")
+    assert_close(pe.patch_embed(*args, 1e-6, s, p, layout)[0], out.double(), atol=0, rtol=0,
+                 what="functional == out variant")
 
 
 @pytest.mark.gpu
@@ -386,7 +383,7 @@ def test_cuda_kernel_fp32_params_and_strides(layout):
     x = x.contiguous(memory_format=torch.channels_last)  # same values, other strides
     weight = weight.to(memory_format=torch.channels_last)
     out = _run_kernel_poisoned((x, weight, bias, nw, nb), 2, 1, 1e-5, layout)
-    _assert_close(out, _reference(x, weight, bias, nw, nb, 2, 1, 1e-5, layout), 1e-2, 1e-2, "fp32 params")
+    assert_close(out, _reference(x, weight, bias, nw, nb, 2, 1, 1e-5, layout), atol=1e-2, rtol=1e-2, what="fp32 params")
 
 
 @pytest.mark.gpu
@@ -399,7 +396,7 @@ def test_cuda_v1_stage1_full_size_no_fallback():
     fallbacks = [str(w.message) for w in caught if "PyTorch composite" in str(w.message)]
     assert not fallbacks, f"CUDA call reached the composite: {fallbacks}"
     assert (Ho, Wo) == (56, 56)
-    _assert_close(tokens, _reference(*args, 4, 0, 1e-6, "nchw"), 1e-2, 1e-2, "v1 stage 1 at 224")
+    assert_close(tokens, _reference(*args, 4, 0, 1e-6, "nchw"), atol=1e-2, rtol=1e-2, what="v1 stage 1 at 224")
 
 
 @pytest.mark.gpu
@@ -461,4 +458,4 @@ def test_cuda_int64_offsets():
     assert tokens.numel() > 2**31
     for b in (0, 31):  # the first and the last image, compared image by image
         ref = _reference(big[b:b + 1], weight, bias, nw, nb, 4, 0, 1e-6, "nchw")
-        _assert_close(tokens[b:b + 1], ref, 1e-2, 1e-2, f"image {b}")
+        assert_close(tokens[b:b + 1], ref, atol=1e-2, rtol=1e-2, what=f"image {b}")
