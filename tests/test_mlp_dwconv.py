@@ -11,18 +11,21 @@ from pvt_fast.ops.eager import dwconv_gelu_reference
 from pvt_fast.ops.mlp_dwconv import dwconv_gelu
 import helpers
 
-# (B, H, W, hidden). Tiles are 7 rows x (16 columns x 64 channels, or 8 x 128 when W <= 8): these cover
-# 1-pixel images and rows, row/column/channel tails, several programs along each axis and batch 2.
+# (B, H, W, hidden). The forward's programs own 7 rows x 14 columns x 64 channels, the backward's 14 or 7
+# rows x 12 columns x 32 channels (kernels.FORWARD, kernels.BACKWARD_TILINGS); these cover 1-pixel images
+# and rows, row/column/channel tails, several programs along each axis (their overlapping halo columns and
+# rows) and batch 2.
 SHAPES = [
     (1, 1, 1, 20),
     (2, 2, 7, 72),
     (1, 7, 1, 20),
     (1, 11, 9, 72),
     (1, 9, 19, 20),
+    (1, 16, 13, 36),
 ]
 # Per dtype: (atol as a fraction of the reference's largest magnitude, rtol). The kernels accumulate in
-# fp32 from the same rounded inputs the reference sees, so the error is the output's rounding (and, for
-# the gradients, g = dy * GELU'(pre) rounded to x's dtype as PyTorch's GELU backward does) plus fp32 sums.
+# fp32 from the same rounded inputs the reference sees (g = dy * GELU'(pre) too: it stays in registers),
+# so the error is the outputs' rounding plus fp32 sums.
 OUT_TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (5e-4, 1e-3), torch.bfloat16: (4e-3, 8e-3)}
 GRAD_TOL = {torch.float32: (1e-6, 4e-6), torch.float16: (1e-3, 2e-3), torch.bfloat16: (8e-3, 1.6e-2)}
 
@@ -52,11 +55,11 @@ def assert_close(actual, expected, tol, what):
     helpers.assert_close(actual, expected, atol_of_max=atol_of_max, rtol=rtol, what=what)
 
 
-def run_kernels(x, H, W, weight, bias, relu_prologue, grad_out):
+def run_kernels(x, H, W, weight, bias, relu_prologue, grad_out, tiling=None):
     """Forward and backward launchers with NaN-poisoned outputs."""
     y = kernels.dwconv_gelu_fwd(x, H, W, weight, bias, relu_prologue, out=torch.full_like(x, float("nan")))
     grad_x, grad_weight, grad_bias = kernels.dwconv_gelu_bwd(
-        grad_out, x, H, W, weight, bias, relu_prologue, grad_x=torch.full_like(x, float("nan"))
+        grad_out, x, H, W, weight, bias, relu_prologue, grad_x=torch.full_like(x, float("nan")), tiling=tiling
     )
     return y, grad_x, grad_weight, grad_bias
 
@@ -97,6 +100,16 @@ def test_backward_matches_reference(kernel_device, shape, dtype, relu_prologue):
     check_against_reference(x, H, W, weight, bias, relu_prologue, grad_out, results, "kernels")
 
 
+@pytest.mark.parametrize("tiling", kernels.BACKWARD_TILINGS, ids=lambda t: f"rows{t.rows}")
+@pytest.mark.parametrize("shape", [(1, 16, 13, 36), (2, 30, 5, 20)], ids=lambda s: "x".join(map(str, s)))
+def test_backward_every_tiling(kernel_device, shape, tiling):
+    """Each backward tiling, whichever the launcher would pick: 2-5 row blocks, halo rows shared between them."""
+    B, H, W, C = shape
+    x, weight, bias, grad_out = make_inputs(B, H, W, C, torch.float32, kernel_device, seed=1)
+    results = run_kernels(x, H, W, weight, bias, True, grad_out, tiling=tiling)
+    check_against_reference(x, H, W, weight, bias, True, grad_out, results, f"{tiling.rows} rows")
+
+
 def test_op_autograd_fp16_tokens_fp32_parameters(kernel_device):
     """The autocast case: fc1 hands over fp16 tokens, the conv parameters stay fp32."""
     B, H, W, C = 2, 3, 5, 24
@@ -122,7 +135,7 @@ def test_strided_tokens(kernel_device):
 
 
 def test_weight_grad_is_deterministic(kernel_device):
-    B, H, W, C = 1, 11, 9, 20  # two row blocks: two partial sums per channel
+    B, H, W, C = 1, 16, 13, 20  # two row blocks x two column blocks: four partial sums per channel
     x, weight, bias, grad_out = make_inputs(B, H, W, C, torch.float32, kernel_device)
     first = kernels.dwconv_gelu_bwd(grad_out, x, H, W, weight, bias, True)
     second = kernels.dwconv_gelu_bwd(grad_out, x, H, W, weight, bias, True)
