@@ -142,3 +142,37 @@ def test_help_texts_are_plain_text(sub, capsys):
         main([*sub, "--help"])
     out = capsys.readouterr().out
     assert "usage:" in out and "``" not in out, out
+
+
+def test_perturbed_moves_about_one_value_in_twelve_by_one_ulp():
+    """The model rows' extra floors: inputs and parameters moved as much as one rounding of each would."""
+    t = torch.randn(120_000)
+    p = check._perturbed(t, 0)
+    moved = p != t
+    up, down = torch.nextafter(t, torch.tensor(float("inf"))), torch.nextafter(t, torch.tensor(-float("inf")))
+    assert torch.all((p == t) | (p == up) | (p == down))
+    assert abs(moved.float().mean().item() - 1 / 12) < 0.005
+    assert abs((p > t).float().mean().item() - 1 / 24) < 0.004
+    assert torch.equal(check._perturbed(t, 0), p) and not torch.equal(check._perturbed(t, 1), p)
+    layer = torch.nn.Linear(300, 200)
+    weight = layer.weight.detach().clone()
+    assert check._perturbed(layer, 0) is layer and 0 < (layer.weight != weight).sum() < weight.numel() // 6
+
+
+def test_a_small_gradient_error_fails_the_model_check(kernel_device, tmp_path, monkeypatch):
+    """The model rows' floor (five composite errors) still catches a 1e-4 relative error in one gradient:
+    every depthwise conv weight gradient of the fused model scaled by 1 + 1e-4."""
+    from pvt_fast.kernels import mlp_dwconv
+
+    correct = mlp_dwconv.dwconv_gelu_bwd
+
+    def weight_grad_off_by_1e_4(*args, **kwargs):
+        grad_x, grad_weight, grad_bias = correct(*args, **kwargs)
+        return grad_x, grad_weight * (1 + 1e-4), grad_bias
+
+    monkeypatch.setattr(check, "tiny_cases", lambda: [])  # the model rows only
+    monkeypatch.setattr(mlp_dwconv, "dwconv_gelu_bwd", weight_grad_off_by_1e_4)
+    status, report = run(tmp_path, "--quick")
+    rows = {r["direction"]: r for r in report["rows"]}
+    assert status == 1 and rows["forward"]["ok"] and not rows["backward"]["ok"], report["rows"]
+    assert "dwconv.weight" in rows["backward"]["worst"]
