@@ -55,10 +55,12 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 
 def hbm_bytes(launch):
+    """Each distinct byte once, plus every re-read of a tensor whose reuse set does not fit in half the L2. A
+    reuse set is at most the tensor itself: programs that hold slices of all of it hold no more than all of it."""
     total = 0
     for a in launch.accesses:
         total += a.distinct
-        if a.loaded > a.distinct and a.reuse_set > L2_BYTES // 2:
+        if a.loaded > a.distinct and min(a.reuse_set, a.distinct) > L2_BYTES // 2:
             total += a.loaded - a.distinct
     return total
 

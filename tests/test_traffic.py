@@ -20,11 +20,15 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 
 def test_hbm_counts_rereads_only_past_half_the_l2():
-    small = Access("w", 1000, loaded=5000, reuse_set=traffic.L2_BYTES // 2)
-    large = Access("w", 1000, loaded=5000, reuse_set=traffic.L2_BYTES // 2 + 1)
+    half = traffic.L2_BYTES // 2
+    small = Access("w", half, loaded=5 * half, reuse_set=half)
+    large = Access("w", half + 1, loaded=5 * half, reuse_set=half + 1)
     store = Access("o", 300, stored=300)
-    assert traffic.hbm_bytes(Launch("k", SMS, (small, store))) == 1300
-    assert traffic.hbm_bytes(Launch("k", SMS, (large, store))) == 5300
+    assert traffic.hbm_bytes(Launch("k", SMS, (small, store))) == half + 300
+    assert traffic.hbm_bytes(Launch("k", SMS, (large, store))) == 5 * half + 300
+    # A reuse set larger than the tensor is the tensor: 1000 bytes stay in L2 however many programs share them.
+    tiny = Access("w", 1000, loaded=5000, reuse_set=half + 1)
+    assert traffic.hbm_bytes(Launch("k", SMS, (tiny, store))) == 1300
 
 
 def test_launch_time_is_the_slowest_roof_stretched_by_idle_sms():
