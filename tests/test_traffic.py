@@ -270,7 +270,7 @@ RATIO_GAPS = {
     ("patch_embed fwd", "bfloat16"): (26.0, "streamed plans (stages 2-4) re-read the packed weight per 32-64 "
                                            "token tile; stage 4 at 1024 px has 32 tiles for 132 SMs"),
     ("patch_embed fwd", "float32"): (4.3, "the same, partly hidden behind fp32 FMA time"),
-    ("reduce_kv fwd", "bfloat16"): (6.0, "a conv with K = sr^2 C >> C: each row block reads the whole weight "
+    ("reduce_kv fwd", "bfloat16"): (5.5, "a conv with K = sr^2 C >> C: each row block reads the whole weight "
                                          "(L2), split-K partial sums cost fp32 round trips; C = 320 worst"),
     ("sra_attention fwd", "bfloat16"): (3.1, "1024 px stages 2-4 at batch 1: each query block reads all of "
                                              "its head's K/V; few query blocks for 132 SMs"),
