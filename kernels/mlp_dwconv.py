@@ -13,9 +13,9 @@ token. Its tile is ``BLOCK_W`` columns wide and includes a halo of ``HALO`` colu
 neighbouring programs' tiles overlap by ``2 * HALO`` columns and a program owns the ``BLOCK_W - 2 * HALO``
 columns in the middle. Each image row is loaded once, unshifted; the column neighbours ``w - 1`` and
 ``w + 1`` come from that tile through ``tl.gather`` (a shared-memory exchange), not from two more loads.
-The program walks its rows top to bottom (statically unrolled) and folds each input row into a rolling
-pair of unfinished output rows, so the vertical halo costs ``2 * HALO`` extra row loads per ``ROWS``
-rows, not extra loads per output row.
+The program walks its rows top to bottom (the forward unrolled, the backward a loop after four unrolled
+steps) and folds each input row into a rolling pair of unfinished output rows, so the vertical halo costs
+``2 * HALO`` extra row loads per ``ROWS`` rows, not extra loads per output row.
 
 Backward, one kernel (:func:`_dwconv_gelu_bwd_kernel`): the walk recomputes the pre-activation
 ``pre = dwconv3x3(x) + bias`` one row and one column beyond the program's own (``HALO = 2``), forms
@@ -82,7 +82,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 def _tile_coords(H, W, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's spatial index (axis 0: image, row block, column block, columns fastest), image,
     first row, tile columns ``[BLOCK_W]`` (the owned ones plus ``HALO`` on each side; some may lie outside
-    the image), the owned-column mask ``[BLOCK_W, 1]`` and channels ``[BLOCK_C]`` (axis 1), all int64."""
+    the image), the owned-column mask ``[BLOCK_W, 1]`` and channels ``[BLOCK_C]`` (axis 1); indices int64."""
     pid = tl.program_id(0).to(tl.int64)
     owned_w: tl.constexpr = BLOCK_W - 2 * HALO
     col_blocks = tl.cdiv(W, owned_w)
@@ -154,7 +154,8 @@ def _walk_step(center, above, here, taps, neighbours, STEP: tl.constexpr, ROWS: 
     rolling output rows. Row r feeds output rows r+1 (kernel row 0), r (kernel row 1) and r-1 (kernel row
     2); ``above`` holds output row r-1 without its kernel row 2, ``here`` output row r with only kernel row
     0. Returns output row r-1, complete (meaningful for ``STEP >= 2``), and the new ``above`` and ``here``;
-    rows outside ``[row0, row0 + ROWS)`` are not accumulated."""
+    with a constexpr ``STEP``, kernel rows landing outside ``[row0, row0 + ROWS)`` are not accumulated (the
+    backward's loop passes a fixed STEP, does that work and discards its rows)."""
     left = tl.gather(center, neighbours[0], 0)
     right = tl.gather(center, neighbours[1], 0)
     done = above + left * taps[6] + center * taps[7] + right * taps[8]
@@ -184,7 +185,8 @@ def _bwd_step(state, step, x_img, dy_img, dx_img, taps, neighbours, bias, row0, 
     ``r = row0 - 2 + step``, complete pre row r-1, form g of that row, fold it into the dx walk, store dx row
     r-2 and add the d weight / d bias products of g row r-1 when it is one of the program's rows. ``PHASE``
     is ``step`` during the first four steps (constexpr: the work they cannot do yet is left out) and 4
-    after, where every part runs and rows past the program's are masked instead."""
+    after, where every part runs (the walks' rows past the program's are computed and never used) and the
+    stores and sums are masked to the program's rows instead."""
     pre_above, pre_here, dx_above, dx_here, x_up, x_mid, dw, dbias = state
     row = row0 - 2 + step
     every_lane = tl.full([BLOCK_W, 1], 1, tl.int1)
@@ -289,6 +291,7 @@ def _dwconv_gelu_bwd_kernel(
     Per owned element: 9 MACs (recompute) + GELU' + 9 (dx) + 9 (d weight), more on the halos. Bytes: reads
     x and dy, writes dx: ``3 * B*H*W*C * itemsize`` from DRAM, plus ``40 * P * C`` of partial sums.
     """
+    tl.static_assert(HALO == 2, "g needs a whole 3x3 window on lanes 1 .. BLOCK_W - 2, dx on 2 .. BLOCK_W - 3")
     pid, image, row0, cols, owned, chans = _tile_coords(H, W, ROWS, BLOCK_W, HALO, BLOCK_C)
     x_img = x_ptr + image * stride_xb
     dy_img = dy_ptr + image * stride_dyb
@@ -472,7 +475,8 @@ def backward_cost(p, tiling=None):
     e, t = p.elem, p.B * p.H * p.W * p.C * p.elem
     # Per tile element, three taps per kernel row: the pre walk folds kernel rows 2 and 0 at step 0 and all
     # three at every later step (rows + 3); the dx walk two at step 2 and three from step 3 on (rows + 1);
-    # nine d weight products from step 3 on (rows + 1).
+    # nine d weight products from step 3 on (rows + 1). FMAs only: GELU' (an erf and an exp per element and
+    # step) is not counted, which flatters the rows where this kernel is compute-bound (7x7 images).
     rows = tiling.rows
     fmas = (6 + 9 * (rows + 3)) + (6 + 9 * (rows + 1)) + 9 * (rows + 1)
     launches = (

@@ -154,6 +154,7 @@ def test_perturbed_moves_about_one_value_in_twelve_by_one_ulp():
     assert abs(moved.float().mean().item() - 1 / 12) < 0.005
     assert abs((p > t).float().mean().item() - 1 / 24) < 0.004
     assert torch.equal(check._perturbed(t, 0), p) and not torch.equal(check._perturbed(t, 1), p)
+    assert torch.equal(check._perturbed(torch.zeros(1000), 0), torch.zeros(1000))  # rounding never moves a 0
     layer = torch.nn.Linear(300, 200)
     weight = layer.weight.detach().clone()
     assert check._perturbed(layer, 0) is layer and 0 < (layer.weight != weight).sum() < weight.numel() // 6

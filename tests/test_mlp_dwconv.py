@@ -134,6 +134,24 @@ def test_strided_tokens(kernel_device):
     check_against_reference(x, H, W, weight, bias, False, grad_out, results, "strided")
 
 
+def test_strided_gradients(kernel_device):
+    """dy read and dx written in place in wider buffers too (the backward's three token tensors each with their
+    own stride), with the ReLU prologue, over two row and two column blocks."""
+    B, H, W, C = 2, 16, 13, 20
+    x, weight, bias, grad_out = make_inputs(B, H, W, C, torch.float32, kernel_device)
+
+    def in_wide(t, pad):
+        wide = torch.full((B, H * W, C + pad), float("nan"), device=kernel_device)
+        wide[:, :, 1:1 + C] = t
+        return wide[:, :, 1:1 + C]
+
+    grad_x = in_wide(torch.zeros_like(x), 7)
+    y = kernels.dwconv_gelu_fwd(in_wide(x, 5), H, W, weight, bias, True)
+    _, grad_weight, grad_bias = kernels.dwconv_gelu_bwd(in_wide(grad_out, 3), in_wide(x, 5), H, W, weight, bias,
+                                                        True, grad_x=grad_x)
+    check_against_reference(x, H, W, weight, bias, True, grad_out, (y, grad_x, grad_weight, grad_bias), "strided")
+
+
 def test_weight_grad_is_deterministic(kernel_device):
     B, H, W, C = 1, 16, 13, 20  # two row blocks x two column blocks: four partial sums per channel
     x, weight, bias, grad_out = make_inputs(B, H, W, C, torch.float32, kernel_device)
