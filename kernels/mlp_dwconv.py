@@ -178,9 +178,9 @@ def _gelu_grad(v):
 
 
 @triton.jit
-def _bwd_step(state, step, x_img, dy_img, dx_img, taps, neighbours, bias, row0, H, W, C, cols, owned, chans,
-              stride_xn, stride_dyn, stride_dxn, RELU_PROLOGUE: tl.constexpr, ROWS: tl.constexpr,
-              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PHASE: tl.constexpr):
+def _bwd_step(state, step, x_img, dy_img, dx_img, taps, flipped, neighbours, lanes, bias, row0, H, W, C, cols,
+              owned, chans, stride_xn, stride_dyn, stride_dxn, RELU_PROLOGUE: tl.constexpr, ROWS: tl.constexpr,
+              PHASE: tl.constexpr):
     """Step ``step`` of the backward walk (see :func:`_dwconv_gelu_bwd_kernel`): load x row
     ``r = row0 - 2 + step``, complete pre row r-1, form g of that row, fold it into the dx walk, store dx row
     r-2 and add the d weight / d bias products of g row r-1 when it is one of the program's rows. ``PHASE``
@@ -189,17 +189,13 @@ def _bwd_step(state, step, x_img, dy_img, dx_img, taps, neighbours, bias, row0, 
     stores and sums are masked to the program's rows instead."""
     pre_above, pre_here, dx_above, dx_here, x_up, x_mid, dw, dbias = state
     row = row0 - 2 + step
-    every_lane = tl.full([BLOCK_W, 1], 1, tl.int1)
-    x_now = _load_row(x_img, stride_xn, row, H, W, cols, every_lane, chans, C, RELU_PROLOGUE)
+    x_now = _load_row(x_img, stride_xn, row, H, W, cols, lanes[0], chans, C, RELU_PROLOGUE)
     pre, pre_above, pre_here = _walk_step(x_now, pre_above, pre_here, taps, neighbours, PHASE, ROWS + 2)
     if PHASE >= 2:
         # pre row r-1 is complete: g of that row (zero on the edge lanes, whose pre lacks a neighbour, and
         # outside the image), then the dx walk with the taps flipped.
-        lane = tl.arange(0, BLOCK_W)[:, None]
-        g_lanes = (lane >= 1) & (lane < BLOCK_W - 1)
-        dy = _load_row(dy_img, stride_dyn, row - 1, H, W, cols, g_lanes, chans, C, False)
+        dy = _load_row(dy_img, stride_dyn, row - 1, H, W, cols, lanes[1], chans, C, False)
         g = dy * _gelu_grad(pre + bias)
-        flipped = (taps[8], taps[7], taps[6], taps[5], taps[4], taps[3], taps[2], taps[1], taps[0])
         dx, dx_above, dx_here = _walk_step(g, dx_above, dx_here, flipped, neighbours, PHASE - 2, ROWS)
         if PHASE >= 4:  # dx row r-2 is complete; x_up is that row of x
             if RELU_PROLOGUE:
@@ -297,7 +293,11 @@ def _dwconv_gelu_bwd_kernel(
     dy_img = dy_ptr + image * stride_dyb
     dx_img = dx_ptr + image * stride_dxb
     taps = _load_taps(w_ptr, chans, C)
+    flipped = (taps[8], taps[7], taps[6], taps[5], taps[4], taps[3], taps[2], taps[1], taps[0])
     neighbours = _neighbour_lanes(BLOCK_W, BLOCK_C)
+    # Lanes x is read on (all), and lanes g has a whole 3x3 window on (dy read there; g is 0 elsewhere).
+    lane = tl.arange(0, BLOCK_W)[:, None]
+    lanes = (lane >= 0, (lane >= 1) & (lane < BLOCK_W - 1))
     bias = tl.load(b_ptr + chans, mask=chans < C, other=0.0).to(tl.float32)[None, :]
     zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
     # The walks' rolling rows (pre, dx), x rows r-2 and r-1 while row r is loaded, and the d weight and d
@@ -306,13 +306,11 @@ def _dwconv_gelu_bwd_kernel(
     # The first four steps fill the walks (static: their partial work is left out); then every step does
     # everything: a loop the compiler does not unroll, which keeps the registers of one step live, not all.
     for step in tl.static_range(4):
-        state = _bwd_step(state, step, x_img, dy_img, dx_img, taps, neighbours, bias, row0, H, W, C, cols,
-                          owned, chans, stride_xn, stride_dyn, stride_dxn, RELU_PROLOGUE, ROWS, BLOCK_W, BLOCK_C,
-                          step)
+        state = _bwd_step(state, step, x_img, dy_img, dx_img, taps, flipped, neighbours, lanes, bias, row0, H, W, C,
+                          cols, owned, chans, stride_xn, stride_dyn, stride_dxn, RELU_PROLOGUE, ROWS, step)
     for step in range(4, ROWS + 4):
-        state = _bwd_step(state, step, x_img, dy_img, dx_img, taps, neighbours, bias, row0, H, W, C, cols,
-                          owned, chans, stride_xn, stride_dyn, stride_dxn, RELU_PROLOGUE, ROWS, BLOCK_W, BLOCK_C,
-                          4)
+        state = _bwd_step(state, step, x_img, dy_img, dx_img, taps, flipped, neighbours, lanes, bias, row0, H, W, C,
+                          cols, owned, chans, stride_xn, stride_dyn, stride_dxn, RELU_PROLOGUE, ROWS, 4)
     dw00, dw01, dw02, dw10, dw11, dw12, dw20, dw21, dw22 = state[6]
     dbias = state[7]
     part = dw_part_ptr + pid * 9 * C + chans

@@ -17,11 +17,11 @@ A whole model's floor is the largest of five composite errors: the composite's o
 composite run on an input and parameters perturbed as much as one fp32 rounding of each moves them (four
 random draws: any fp32 computation of the model commits errors of that size at its inputs, the
 backward-stability yardstick; under fp16 / bf16 autocast the half-precision casts absorb most of the
-perturbation, and these runs mostly repeat the composite's own error). Its gradients include sums that mostly cancel (a query bias's gradient sums
-the queries' gradients over every token), whose relative error is a draw from a wide distribution:
-rounding-sized noise on one kernel's output alone moved pvt_v2_b0's worst gradient error between 0.7x and 3.9x
-the composite's own. Times are medians of CUDA-synchronized calls (forward rows: the forward; backward rows:
-forward + backward).
+perturbation, and these runs mostly repeat the composite's own error). Its gradients include sums that mostly
+cancel (a query bias's gradient sums the queries' gradients over every token), whose relative error is a draw
+from a wide distribution: rounding-sized noise on one kernel's output alone moved pvt_v2_b0's worst gradient
+error between 0.7x and 3.9x the composite's own. Times are medians of CUDA-synchronized calls (forward rows:
+the forward; backward rows: forward + backward).
 
 Without CUDA the check cannot run (exit 2), except ``--quick`` under ``TRITON_INTERPRET=1``, which runs the
 Triton kernels on the CPU: ops in fp32 and fp16 (the interpreter's bf16 products are not meaningful), the

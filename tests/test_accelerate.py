@@ -79,8 +79,8 @@ def test_cpu_inference_mlp_on_batch_slices(name, monkeypatch):
     plain.eval()
     seen = []
     mlp = blocks._mlp
-    monkeypatch.setattr(blocks, "_mlp", lambda self, binding, x, H, W: (seen.append(x.shape[0]),
-                                                                       mlp(self, binding, x, H, W))[1])
+    monkeypatch.setattr(blocks, "_mlp", lambda self, binding, drop, x, H, W: (seen.append(x.shape[0]),
+                                                                             mlp(self, binding, drop, x, H, W))[1])
     monkeypatch.setattr(layers, "CPU_SLICE_BYTES", 1)  # one sample per slice
     size = next(hw for hw in HOSTS[name][1] if hw[0] != hw[1])
     x = torch.randn(3, 3, *size)

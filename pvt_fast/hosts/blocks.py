@@ -182,15 +182,14 @@ def mlp_forward(self, *args, **kwargs):
     hooked = has_hooks(fc1) or has_hooks(fc2) or has_hooks(drop)
     slice_size = None if hooked else cpu_inference_slice(x, fc1.out_features, self.training or drop.training)
     if slice_size is not None:
-        return torch.cat([_mlp(self, binding, part, H, W) for part in x.split(slice_size)])
-    return _mlp(self, binding, x, H, W)
+        return torch.cat([_mlp(self, binding, drop, part, H, W) for part in x.split(slice_size)])
+    return _mlp(self, binding, drop, x, H, W)
 
 
-def _mlp(self, binding, x, H, W):
-    """fc1 -> [ReLU] -> depthwise 3x3 + bias -> GELU -> dropout -> fc2 -> dropout, through the op table."""
+def _mlp(self, binding, drop, x, H, W):
+    """fc1 -> [ReLU] -> depthwise 3x3 + bias -> GELU -> ``drop`` -> fc2 -> ``drop``, through the op table."""
     parts = binding.parts
     conv = get(self, binding.fused[0])
-    drop = get(self, parts.drop)
     ops = binding.ops
     x = _linear(self, parts.fc1, ops, x)
     x = drop(ops.dwconv_gelu(x, H, W, conv.weight, conv.bias, binding.detail == "relu"))
