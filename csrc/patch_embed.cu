@@ -11,11 +11,16 @@
 // dtype. Masked: tokens past M, channels past Cout, columns past K, and every input pixel in the padding
 // (never read).
 //
+// Split plans (see Plan in patch_embed_core.h) run two kernels: the conv tiles write fp32 sums to a
+// workspace (splits, M, npad) the op allocates, and the norm pass adds them in split order and normalizes.
+//
 // Bytes moved per call (the minimum is x once + out once + the parameters; the traffic model's count is
 // pvt_fast/kernels/patch_embed_cuda.py, checked against the host test's emulation):
-//   x:   B*Cin*H*W elements, read from DRAM once (overlapping windows, k > s, re-read through L1/L2),
-//   w:   Cout*packed_pitch elements per block from L2 in 16-byte loads (once per block with a resident
-//        plan, every tile with a streamed one), after the op's packing (one read and write of the weight),
+//   x:   B*Cin*H*W elements, read from DRAM once (overlapping windows, k > s, re-read through L1/L2; a
+//        split plan's tiles read it once per bn-channel column block),
+//   w:   Cout*packed_pitch elements from L2 in 16-byte loads: once per block with a resident plan, per
+//        bm-token tile with a streamed or split one; after the op's packing (one read and write of the weight),
+//   workspace (split plans): splits*M*npad fp32 written once and read once by the norm pass,
 //   out: B*Ho*Wo*Cout elements, written once, never read back.
 // v1 stage 1 (224x224, batch 64, bf16, k=s=4, Cout 64): 19.3 MB in + 25.7 MB out = 45.0 MB.
 // v2 stage 1 (same, k7 s4 p3): the same 45.0 MB. FLOPs: 2 * B*Ho*Wo * Cout * Cin*k*k.
@@ -26,6 +31,7 @@
 #include <map>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "patch_embed_core.h"
@@ -60,6 +66,7 @@ struct KernelArgs {
   const void* norm_bias;
   int64_t bias_stride, norm_weight_stride, norm_bias_stride;
   void* out;
+  float* workspace;  // split plans: (splits, M, npad) fp32
   float eps;
   bool params_fp32, out_vec4;
 };
@@ -73,7 +80,7 @@ __device__ __forceinline__ void tensor_core_chunk(const Plan& pl, const T* a, co
   namespace wmma = nvcuda::wmma;
   const int wm = warp % pl.warps_m;
   const int wn = warp / pl.warps_m;
-  const int col_tiles = pl.npad / 16;
+  const int col_tiles = pl.bn / 16;
   float* c_strip = c + wm * 16 * pl.ldc;
   const T* a_strip = a + wm * 16 * pl.lda;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kMaxFragmentsPerWarp];
@@ -146,6 +153,22 @@ __device__ __forceinline__ void normalize_tile(const Geometry& g, const Plan& pl
   }
 }
 
+// bias, LayerNorm weight and bias into shared memory as fp32, from either parameter dtype.
+template <class T>
+__device__ __forceinline__ void load_block_params(const KernelArgs& args, float* params, int tid) {
+  const Plan& pl = args.plan;
+  if (args.params_fp32)
+    load_params(pl, args.g.Cout, static_cast<const float*>(args.bias), static_cast<const float*>(args.norm_weight),
+                static_cast<const float*>(args.norm_bias), args.bias_stride, args.norm_weight_stride,
+                args.norm_bias_stride, params, tid, pl.threads);
+  else
+    load_params(pl, args.g.Cout, static_cast<const T*>(args.bias), static_cast<const T*>(args.norm_weight),
+                static_cast<const T*>(args.norm_bias), args.bias_stride, args.norm_weight_stride,
+                args.norm_bias_stride, params, tid, pl.threads);
+}
+
+// The conv tiles of a plan: normalized tokens (fused plan) or fp32 partial sums in the workspace (split
+// plan, finished by patch_embed_norm_kernel).
 template <class T, int V>
 __global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -161,39 +184,59 @@ __global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs ar
   const GlobalReader<T> x{static_cast<const T*>(args.x)};
   const GlobalReader<T> w{static_cast<const T*>(args.weight)};
   const GlobalWriter<T> out{static_cast<T*>(args.out), args.out_vec4};
+  const GlobalWorkspace workspace{args.workspace};
 
-  if (args.params_fp32)
-    load_params(pl, g.Cout, static_cast<const float*>(args.bias), static_cast<const float*>(args.norm_weight),
-                static_cast<const float*>(args.norm_bias), args.bias_stride, args.norm_weight_stride,
-                args.norm_bias_stride, params, tid, pl.threads);
-  else
-    load_params(pl, g.Cout, static_cast<const T*>(args.bias), static_cast<const T*>(args.norm_weight),
-                static_cast<const T*>(args.norm_bias), args.bias_stride, args.norm_weight_stride,
-                args.norm_bias_stride, params, tid, pl.threads);
-  const bool resident = pl.chunks == 1;
+  if (!pl.partial) load_block_params<T>(args, params, tid);
+  const bool resident = !pl.partial && pl.chunks == 1;
   if (resident) {
     build_columns(g, pl, 0, col, tid, pl.threads);
-    gather_w(g, pl, 0, w, ws, tid, pl.threads);
+    gather_w(g, pl, 0, 0, w, ws, tid, pl.threads);
   }
   for (int64_t tile = blockIdx.x; tile < pl.tiles; tile += gridDim.x) {
-    const int64_t m0 = tile * pl.bm;
-    build_tokens(g, pl, m0, tok, tid, pl.threads);
-    for (int chunk = 0; chunk < pl.chunks; ++chunk) {
+    const TileCoord t = tile_coord(pl, tile);
+    build_tokens(g, pl, t.m0, tok, tid, pl.threads);
+    for (int chunk = t.chunk_begin; chunk < t.chunk_end; ++chunk) {
       if (!resident) build_columns(g, pl, chunk, col, tid, pl.threads);
       __syncthreads();  // tables written; the previous chunk's product and tile's epilogue are done
       gather_a<T, V>(g, pl, tok, col, x, a, tid, pl.threads);
-      if (!resident) gather_w(g, pl, chunk, w, ws, tid, pl.threads);
+      if (!resident) gather_w(g, pl, chunk, t.n0, w, ws, tid, pl.threads);
       __syncthreads();
-      mma_chunk(pl, a, ws, c, chunk == 0, tid);
+      mma_chunk(pl, a, ws, c, chunk == t.chunk_begin, tid);
     }
+    __syncthreads();
+    if (pl.partial)
+      store_partial(g, pl, c, t, workspace, tid, pl.threads);
+    else
+      normalize_tile(g, pl, c, params, t.m0, args.eps, out, tid);
+  }
+}
+
+// The norm pass of a split plan (args.plan is make_norm_plan's): per bm-row tile, the splits' sums added in
+// order, then the fused plan's epilogue.
+template <class T>
+__global__ void __launch_bounds__(128, 1) patch_embed_norm_kernel(const KernelArgs args) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Geometry& g = args.g;
+  const Plan& pl = args.plan;
+  float* params = reinterpret_cast<float*>(smem + pl.off_params);
+  float* c = reinterpret_cast<float*>(smem + pl.off_c);
+  const int tid = threadIdx.x;
+  const GlobalWriter<T> out{static_cast<T*>(args.out), args.out_vec4};
+  const GlobalWorkspace workspace{args.workspace};
+  load_block_params<T>(args, params, tid);
+  for (int64_t tile = blockIdx.x; tile < pl.tiles; tile += gridDim.x) {
+    const int64_t m0 = tile * pl.bm;
+    __syncthreads();  // the previous tile's rows are normalized (and the parameters loaded)
+    sum_partials(g, pl, workspace, m0, c, tid, pl.threads);
     __syncthreads();
     normalize_tile(g, pl, c, params, m0, args.eps, out, tid);
   }
 }
 
-// Per device, per kernel instantiation: the opt-in shared memory, raised only when a plan needs more than
-// was set, and the resident blocks for each (threads, shared memory) a plan asks, queried once. Plans have
-// few distinct shapes, so a short list per (device, kernel) is enough.
+// Per (kernel, device): the opt-in shared memory, raised only when a plan needs more than was set, and the
+// resident blocks for each (threads, shared memory) a plan asks, queried once. Keyed by the kernel's
+// address: every instantiation has the same function type, and the attribute and the occupancy belong to
+// one function. Plans have few distinct shapes, so a short list per key is enough.
 struct Residency {
   int threads, smem, blocks;
 };
@@ -203,19 +246,15 @@ struct KernelState {
   std::vector<Residency> residency;
 };
 
-std::mutex& state_mutex() {
-  static std::mutex m;
-  return m;
-}
-
 template <class Kernel>
 cudaError_t resident_blocks(Kernel kernel, int threads, int smem, int& blocks_out) {
-  static std::map<int, KernelState> by_device;  // one map per kernel instantiation (a template per T, V)
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, KernelState> states;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const std::lock_guard<std::mutex> lock(state_mutex());
-  KernelState& state = by_device[device];
+  const std::lock_guard<std::mutex> lock(mutex);
+  KernelState& state = states[{reinterpret_cast<const void*>(kernel), device}];
   if (smem > state.attribute_bytes) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
@@ -237,14 +276,18 @@ cudaError_t resident_blocks(Kernel kernel, int threads, int smem, int& blocks_ou
   return cudaSuccess;
 }
 
+template <class Kernel>
+cudaError_t launch_persistent(Kernel kernel, const KernelArgs& ka, cudaStream_t stream) {
+  int blocks = 0;
+  cudaError_t err = resident_blocks(kernel, ka.plan.threads, ka.plan.smem_bytes, blocks);
+  if (err != cudaSuccess) return err;
+  const int grid = static_cast<int>(ka.plan.tiles < blocks ? ka.plan.tiles : blocks);
+  kernel<<<grid, ka.plan.threads, ka.plan.smem_bytes, stream>>>(ka);
+  return cudaGetLastError();
+}
+
 template <class T, int V>
 cudaError_t launch_typed(const LaunchArgs& a, const Plan& pl, cudaStream_t stream) {
-  auto kernel = patch_embed_kernel<T, V>;
-  int blocks = 0;
-  cudaError_t err = resident_blocks(kernel, pl.threads, pl.smem_bytes, blocks);
-  if (err != cudaSuccess) return err;
-  const int grid = static_cast<int>(pl.tiles < blocks ? pl.tiles : blocks);
-
   KernelArgs ka{};
   ka.g = a.g;
   ka.plan = pl;
@@ -257,11 +300,15 @@ cudaError_t launch_typed(const LaunchArgs& a, const Plan& pl, cudaStream_t strea
   ka.norm_weight_stride = a.norm_weight_stride;
   ka.norm_bias_stride = a.norm_bias_stride;
   ka.out = a.out;
+  ka.workspace = a.workspace;
   ka.eps = a.eps;
   ka.params_fp32 = a.params_fp32;
   ka.out_vec4 = a.g.Cout % 4 == 0 && reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(T)) == 0;
-  kernel<<<grid, pl.threads, pl.smem_bytes, stream>>>(ka);
-  return cudaGetLastError();
+  if (pl.partial && a.workspace == nullptr) return cudaErrorInvalidValue;
+  cudaError_t err = launch_persistent(patch_embed_kernel<T, V>, ka, stream);
+  if (err != cudaSuccess || !pl.partial) return err;
+  ka.plan = make_norm_plan(a.g, pl);
+  return launch_persistent(patch_embed_norm_kernel<T>, ka, stream);
 }
 
 template <class T>

@@ -13,15 +13,16 @@
 //   kk = one (ci, kh, kw) tap, ordered (ci, kh, kw) for "nchw" input and (kh, kw, ci) for "nhwc", so
 //        that consecutive kk are consecutive addresses of x in both layouts (K = Cin*k*k),
 //   A[m, kk] = x[b, ci, ho*s - p + kh, wo*s - p + kw], zero outside the image (padding).
-// A block owns bm consecutive tokens and all npad channels (LayerNorm needs the whole row) and walks K
-// in chunks of bk columns: per chunk it writes a column table (x offsets of each kk), gathers the A tile
+// With a fused plan a block owns bm consecutive tokens and all npad channels (LayerNorm needs the whole
+// row); with a split plan it owns bm tokens x bn channels and a range of K, and a second kernel finishes
+// the rows (see Plan). Either walks K in chunks of bk columns: per chunk it writes a column table (x offsets of each kk), gathers the A tile
 // (bm x bk) and the weight tile (npad x bk) into shared memory and multiplies them into the fp32 tile C
 // (bm x npad). The weight is read from a packed copy the op makes once per call: (Cout, kpad) in x's
 // dtype, row n holding weight[n, tap(kk)] in kk order, zero past K (packed_pitch), so a weight tile is
 // 16-byte loads of contiguous rows whatever the weight's layout or dtype. When the whole K fits
 // ("resident" plan, one chunk), the weight tile is loaded once per block and the block loops over tiles.
 // The epilogue adds the bias, normalizes each row in fp32 (two-pass mean and variance) and stores it in
-// x's dtype.
+// x's dtype (a split plan's tiles store their fp32 sums instead, and the norm pass runs this epilogue).
 #pragma once
 
 #include <cstddef>
@@ -87,16 +88,29 @@ struct WeightTap {
 };
 
 // How a block is organised; computed on the host, passed to the kernel by value.
+//
+// Two kinds of plan. A fused plan (partial == false) gives a block bm tokens and all npad channels, so its
+// epilogue normalizes whole rows and writes the tokens. A split plan (partial == true) is a plain implicit
+// GEMM over bm x bn tiles whose K is cut into `splits` ranges of chunks_per_split chunks; each tile writes
+// its fp32 sums to a workspace (splits, M, npad), and a second kernel, the norm pass (make_norm_plan), adds
+// the splits in order, adds the bias and normalizes. A fused plan re-reads the whole weight for every bm
+// tokens (bm is 32-128: the fp32 row tile must fit in shared memory) and has few tiles when M is small;
+// a split plan reads a bn-row weight slice per tile and fills the SMs with splits, at the price of the
+// workspace's round trip. make_plan picks the one plan_seconds predicts faster.
 struct Plan {
   int warps, threads;
   int warps_m, warps_n;   // warp grid over the C tile: a warp owns rows [16*i, 16*i+16) and every
                           // warps_n-th 16-column block
-  int bm, npad;           // tokens per tile, Cout rounded up to 16
-  int bk, chunks;         // columns per K chunk, number of chunks
+  int bm, bn, npad;       // tokens and channels per tile; Cout rounded up to 16 (bn == npad when fused)
+  int bk, chunks;         // columns per K chunk, number of chunks over the whole K
+  int chunks_per_split, splits;  // a tile's K range: chunks [split * chunks_per_split, ...), at most chunks
   int vec;                // elements per x load: 1, 4 (nchw) or 16 bytes (nhwc); see choose_vec
   int lanes_per_row;      // epilogue: lanes cooperating on one LayerNorm row (power of two)
   int lda, ldw, ldc;      // shared-memory row pitches in elements
-  int64_t tiles;
+  int64_t row_tiles;      // ceil(M / bm)
+  int col_blocks;         // ceil(npad / bn)
+  int64_t tiles;          // row_tiles * col_blocks * splits
+  bool partial;           // split plan: the tiles write fp32 sums to the workspace, the norm pass finishes
   // shared-memory carve-up, byte offsets
   int off_params, off_w, off_a, off_c, off_tok, off_col, smem_bytes;
 };
@@ -164,10 +178,11 @@ inline int pow2_floor(int v) {
 
 inline int align128(int bytes) { return round_up(bytes, 128); }
 
+// Split plans keep no LayerNorm parameters; the norm pass keeps only parameters and the C tile.
 inline void carve_smem(Plan& pl, int elem_size) {
   int off = 0;
-  pl.off_params = off; off = align128(off + 3 * pl.npad * 4);
-  pl.off_w = off;      off = align128(off + pl.npad * pl.ldw * elem_size);
+  pl.off_params = off; off = align128(off + (pl.partial ? 0 : 3 * pl.npad * 4));
+  pl.off_w = off;      off = align128(off + pl.bn * pl.ldw * elem_size);
   pl.off_a = off;      off = align128(off + pl.bm * pl.lda * elem_size);
   pl.off_c = off;      off = align128(off + pl.bm * pl.ldc * 4);
   pl.off_tok = off;    off = align128(off + pl.bm * static_cast<int>(sizeof(TokenOrigin)));
@@ -175,10 +190,18 @@ inline void carve_smem(Plan& pl, int elem_size) {
   pl.smem_bytes = off;
 }
 
+inline void set_k_chunks(Plan& pl, const Geometry& g, int bk, int elem_size) {
+  pl.bk = bk;
+  pl.chunks = static_cast<int>(ceil_div(g.K, bk));
+  pl.lda = pl.ldw = bk + 16 / elem_size;  // one 16-byte skew per row against bank conflicts
+}
+
+inline int lanes_for(int npad) { return pow2_floor(npad / 8 < 32 ? npad / 8 : 32); }
+
 // Requires 1 <= Cout <= kMaxCout (checked at the op boundary).
-inline Plan make_plan(const Geometry& g, int elem_size, int vec) {
+inline Plan make_fused_plan(const Geometry& g, int elem_size, int vec) {
   Plan pl{};
-  pl.npad = round_up(static_cast<int>(g.Cout), 16);
+  pl.npad = pl.bn = round_up(static_cast<int>(g.Cout), 16);
   const int col_tiles = pl.npad / 16;
   pl.warps = pl.npad <= 128 ? 8 : 16;
   pl.threads = 32 * pl.warps;
@@ -186,27 +209,170 @@ inline Plan make_plan(const Geometry& g, int elem_size, int vec) {
   pl.warps_m = pl.warps / pl.warps_n;
   pl.bm = 16 * pl.warps_m;
   pl.vec = vec;
-  pl.lanes_per_row = pow2_floor(pl.npad / 8 < 32 ? pl.npad / 8 : 32);
+  pl.lanes_per_row = lanes_for(pl.npad);
   pl.ldc = pl.npad + 4;
-  pl.tiles = ceil_div(g.M, pl.bm);
-  const int skew = 16 / elem_size;  // one 16-byte skew per row against bank conflicts
+  pl.row_tiles = pl.tiles = ceil_div(g.M, pl.bm);
+  pl.col_blocks = pl.splits = 1;
   // The whole K in one chunk when its tiles fit (checked in 64 bits first: K may be large).
   const int64_t whole_k = (g.K + 15) / 16 * 16;
   const bool may_fit = whole_k * (pl.npad + pl.bm) * elem_size <= kResidentSmemBytes;
-  pl.bk = may_fit ? static_cast<int>(whole_k) : kStreamedChunk;
-  pl.chunks = static_cast<int>(ceil_div(g.K, pl.bk));
-  pl.lda = pl.ldw = pl.bk + skew;
+  set_k_chunks(pl, g, may_fit ? static_cast<int>(whole_k) : kStreamedChunk, elem_size);
   carve_smem(pl, elem_size);
   // Otherwise stream K in the widest chunk that fits (wide Cout leaves less room for the weight tile).
   for (int bk = kStreamedChunk; pl.smem_bytes > kResidentSmemBytes && bk >= 16; bk /= 2) {
     if (bk >= whole_k) continue;  // no smaller than the resident tiles
-    pl.bk = bk;
-    pl.chunks = static_cast<int>(ceil_div(g.K, bk));
-    pl.lda = pl.ldw = pl.bk + skew;
+    set_k_chunks(pl, g, bk, elem_size);
     carve_smem(pl, elem_size);
     if (pl.smem_bytes <= kMaxSmemBytes) break;
   }
+  pl.chunks_per_split = pl.chunks;
   return pl;
+}
+
+// The block shapes split plans may use: every one keeps 4 accumulator tiles per warp and threads % bm == 0.
+struct SplitShape {
+  int warps, bm, bn;
+};
+constexpr SplitShape kSplitShapes[] = {{4, 64, 64}, {8, 128, 64}, {8, 64, 128}, {16, 128, 128}, {16, 64, 256}};
+constexpr int kSplitCounts[] = {1, 2, 3, 4, 6, 8};
+
+// A split plan with `shape`'s tiles and K cut into about `want` ranges of whole chunks (fewer when K has
+// fewer chunks). Requires shape.bn <= npad.
+inline Plan make_split_plan(const Geometry& g, int elem_size, int vec, const SplitShape& shape, int want) {
+  Plan pl{};
+  pl.partial = true;
+  pl.npad = round_up(static_cast<int>(g.Cout), 16);
+  pl.warps = shape.warps;
+  pl.threads = 32 * pl.warps;
+  pl.bm = shape.bm;
+  pl.bn = shape.bn;
+  pl.warps_n = (pl.bn / 16 + kMaxFragmentsPerWarp - 1) / kMaxFragmentsPerWarp;
+  pl.warps_m = pl.warps / pl.warps_n;
+  pl.vec = vec;
+  pl.lanes_per_row = lanes_for(pl.npad);
+  pl.ldc = pl.bn + 4;
+  const int64_t whole_k = (g.K + 15) / 16 * 16;
+  set_k_chunks(pl, g, whole_k < kStreamedChunk ? static_cast<int>(whole_k) : kStreamedChunk, elem_size);
+  pl.chunks_per_split = static_cast<int>(ceil_div(pl.chunks, want));
+  pl.splits = static_cast<int>(ceil_div(pl.chunks, pl.chunks_per_split));
+  pl.row_tiles = ceil_div(g.M, pl.bm);
+  pl.col_blocks = static_cast<int>(ceil_div(pl.npad, pl.bn));
+  pl.tiles = pl.row_tiles * pl.col_blocks * pl.splits;
+  carve_smem(pl, elem_size);
+  return pl;
+}
+
+// The norm pass after a split plan: 4 warps, each normalizing rows_per_warp rows at a time from the
+// workspace (params and an fp32 row tile in shared memory, as the fused epilogue).
+inline Plan make_norm_plan(const Geometry& g, const Plan& split) {
+  Plan pl{};
+  pl.npad = pl.bn = split.npad;
+  pl.warps = 4;
+  pl.threads = 32 * pl.warps;
+  pl.lanes_per_row = split.lanes_per_row;
+  pl.bm = pl.warps * (32 / pl.lanes_per_row);
+  pl.ldc = pl.npad + 4;
+  pl.splits = split.splits;
+  pl.row_tiles = pl.tiles = ceil_div(g.M, pl.bm);
+  pl.col_blocks = 1;
+  pl.off_params = 0;
+  pl.off_c = align128(3 * pl.npad * 4);
+  pl.smem_bytes = align128(pl.off_c + pl.bm * pl.ldc * 4);
+  pl.off_w = pl.off_a = pl.off_tok = pl.off_col = pl.smem_bytes;
+  return pl;
+}
+
+// --- choosing a plan: an H100 SXM estimate, mirrored in pvt_fast/kernels/patch_embed_cuda.py and checked
+// there against the traffic model (pvt_fast/kernels/traffic.py, where the constants' sources are).
+constexpr double kHbmBandwidth = 3.35e12, kL2Bandwidth = 5.5e12, kPeak16Bit = 989.4e12, kPeakFp32 = 66.9e12;
+constexpr int kSms = 132, kSmemPerSm = 228 * 1024, kThreadsPerSm = 2048;
+
+// Blocks resident at once on kSms SMs (the launcher asks the occupancy API of the device it runs on).
+inline int64_t estimated_grid(const Plan& pl) {
+  int per_sm = kSmemPerSm / (pl.smem_bytes + 1024);
+  if (kThreadsPerSm / pl.threads < per_sm) per_sm = kThreadsPerSm / pl.threads;
+  if (per_sm < 1) per_sm = 1;
+  return pl.tiles < int64_t{per_sm} * kSms ? pl.tiles : int64_t{per_sm} * kSms;
+}
+
+// Sum over the outputs along one axis of the kernel taps that land inside the input.
+inline int64_t valid_taps(int64_t size, int64_t out, int64_t k, int64_t s, int64_t p) {
+  int64_t n = 0;
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const int64_t i = o * s - p + kh;
+      n += i >= 0 && i < size;
+    }
+  return n;
+}
+
+// x elements the gathers read for all tokens and all of K, once (padding is never read).
+inline int64_t x_gather_elements(const Geometry& g) {
+  return g.B * g.Cin * valid_taps(g.H, g.Ho, g.k, g.s, g.p) * valid_taps(g.W, g.Wo, g.k, g.s, g.p);
+}
+
+// Predicted seconds: max(HBM bytes / bandwidth, L2 bytes / bandwidth, FLOPs / peak), stretched when the
+// blocks leave SMs idle, plus the norm pass of a split plan (HBM-bound, fills the GPU).
+inline double plan_seconds(const Geometry& g, const Plan& pl, int elem_size, int64_t x_elements) {
+  const double e = elem_size;
+  const int64_t grid = estimated_grid(pl);
+  const bool resident = !pl.partial && pl.chunks == 1;
+  const double weight = static_cast<double>(g.Cout) * static_cast<double>(packed_pitch(g)) * e;
+  const double weight_loads = static_cast<double>(resident ? grid : pl.row_tiles) * weight;
+  const double tokens = static_cast<double>(g.M) * static_cast<double>(g.Cout) * e;
+  const double written = pl.partial ? static_cast<double>(pl.splits) * static_cast<double>(g.M) * pl.npad * 4 : tokens;
+  const double l2 = static_cast<double>(x_elements) * pl.col_blocks * e + weight_loads + written;
+  const double hbm = static_cast<double>(g.B * g.Cin * g.H * g.W) * e + weight + written;
+  const double flops = 2.0 * static_cast<double>(pl.row_tiles) * pl.col_blocks * pl.bm * pl.bn *
+                       static_cast<double>(pl.chunks) * pl.bk;
+  double t = hbm / kHbmBandwidth;
+  if (l2 / kL2Bandwidth > t) t = l2 / kL2Bandwidth;
+  if (flops / (elem_size == 4 ? kPeakFp32 : kPeak16Bit) > t) t = flops / (elem_size == 4 ? kPeakFp32 : kPeak16Bit);
+  if (grid < kSms) t *= static_cast<double>(kSms) / static_cast<double>(grid);
+  if (pl.partial) t += (written + tokens) / kHbmBandwidth;
+  return t;
+}
+
+// The fused plan, or the split plan (over kSplitShapes x kSplitCounts) predicted fastest; ties keep the
+// earlier candidate, the fused plan first.
+inline Plan make_plan(const Geometry& g, int elem_size, int vec) {
+  Plan best = make_fused_plan(g, elem_size, vec);
+  const int64_t x_elements = x_gather_elements(g);
+  double best_seconds = plan_seconds(g, best, elem_size, x_elements);
+  for (const SplitShape& shape : kSplitShapes) {
+    if (shape.bn > best.npad) continue;
+    int last_splits = 0;
+    for (int want : kSplitCounts) {
+      const Plan pl = make_split_plan(g, elem_size, vec, shape, want);
+      if (pl.splits == last_splits || pl.smem_bytes > kMaxSmemBytes) continue;
+      last_splits = pl.splits;
+      const double seconds = plan_seconds(g, pl, elem_size, x_elements);
+      if (seconds < best_seconds) {
+        best = pl;
+        best_seconds = seconds;
+      }
+    }
+  }
+  return best;
+}
+
+// Where tile `tile` of a plan sits: column blocks fastest, then row tiles, then splits, so the blocks that
+// share an A tile run side by side.
+struct TileCoord {
+  int64_t m0;
+  int n0, chunk_begin, chunk_end, split;
+};
+
+PE_HD TileCoord tile_coord(const Plan& pl, int64_t tile) {
+  TileCoord t;
+  const int64_t cb = tile % pl.col_blocks;
+  const int64_t rest = tile / pl.col_blocks;
+  t.m0 = rest % pl.row_tiles * pl.bm;
+  t.split = static_cast<int>(rest / pl.row_tiles);
+  t.n0 = static_cast<int>(cb) * pl.bn;
+  t.chunk_begin = t.split * pl.chunks_per_split;
+  t.chunk_end = t.chunk_begin + pl.chunks_per_split < pl.chunks ? t.chunk_begin + pl.chunks_per_split : pl.chunks;
+  return t;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -381,18 +547,19 @@ PE_HD void gather_a(const Geometry& g, const Plan& pl, const TokenOrigin* tok, c
   }
 }
 
-// The weight tile of chunk `chunk` (npad x bk, pitch ldw) from the packed weight (Cout, pitch, see
-// packed_pitch): row n, column c holds packed[n, chunk * bk + c], zero past Cout and past the pitch, in
-// 16-byte packs (bk, the pitch and ldw are multiples of 16 bytes' worth of elements). Consecutive threads
-// take consecutive packs of a row: coalesced.
+// The weight tile of chunk `chunk` for channels n0.. (bn x bk, pitch ldw) from the packed weight (Cout,
+// pitch, see packed_pitch): row r, column c holds packed[n0 + r, chunk * bk + c], zero past Cout and past
+// the pitch, in 16-byte packs (bk, the pitch and ldw are multiples of 16 bytes' worth of elements).
+// Consecutive threads take consecutive packs of a row: coalesced.
 template <class T, class WReader>
-PE_HD void gather_w(const Geometry& g, const Plan& pl, int chunk, const WReader& w, T* ws, int tid, int nthreads) {
+PE_HD void gather_w(const Geometry& g, const Plan& pl, int chunk, int n0, const WReader& w, T* ws, int tid,
+                    int nthreads) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   constexpr int kBatch = kWeightGatherBatch;
   const int64_t pitch = packed_pitch(g);
   const int64_t k0 = static_cast<int64_t>(chunk) * pl.bk;
   const int packs = pl.bk / V;
-  const int total = pl.npad * packs;
+  const int total = pl.bn * packs;
   Pack<T, V> v[kBatch];
   for (int e0 = tid; e0 < total; e0 += kBatch * nthreads) {
     int dst[kBatch];
@@ -402,9 +569,10 @@ PE_HD void gather_w(const Geometry& g, const Plan& pl, int chunk, const WReader&
       dst[b] = -1;
       v[b] = zero_pack<T, V>();
       if (e < total) {
-        const int n = e / packs;
-        const int cv = e - n * packs;
-        dst[b] = n * pl.ldw + cv * V;
+        const int r = e / packs;
+        const int cv = e - r * packs;
+        const int64_t n = n0 + r;
+        dst[b] = r * pl.ldw + cv * V;
         if (n < g.Cout && k0 + cv * V < pitch) v[b] = w.template load_pack<V>(n * pitch + k0 + cv * V);
       }
     }
@@ -422,7 +590,7 @@ PE_HD void gather_w(const Geometry& g, const Plan& pl, int chunk, const WReader&
 template <class T>
 PE_HD void simt_mma_chunk(const Plan& pl, const T* a, const T* ws, float* c, bool first, int tid, int nthreads) {
   const int row_blocks = pl.bm / 4;
-  const int blocks = row_blocks * (pl.npad / 4);
+  const int blocks = row_blocks * (pl.bn / 4);
   for (int u = tid; u < blocks; u += nthreads) {
     const int r0 = (u % row_blocks) * 4;
     const int n0 = (u / row_blocks) * 4;
@@ -488,6 +656,48 @@ PE_HD void row_store(const float* c_row, const float* params, int64_t cout, int 
     out.store(out_row + j0, y, left < 4 ? static_cast<int>(left) : 4);
   }
 }
+
+// A split plan's tile C (bm x bn, fp32) into the workspace (splits, M, npad): rows m < M, columns n < npad,
+// in float4s (bn, npad and ldc are multiples of 4). Writer::store4(off, value) writes one Float4.
+template <class Writer>
+PE_HD void store_partial(const Geometry& g, const Plan& pl, const float* c, const TileCoord& t, const Writer& ws,
+                         int tid, int nthreads) {
+  const int groups = pl.bn / 4;
+  for (int i = tid; i < pl.bm * groups; i += nthreads) {
+    const int r = i / groups;
+    const int j = (i - r * groups) * 4;
+    const int64_t m = t.m0 + r;
+    if (m < g.M && t.n0 + j < pl.npad)
+      ws.store4((static_cast<int64_t>(t.split) * g.M + m) * pl.npad + t.n0 + j, load_float4(c + r * pl.ldc + j));
+  }
+}
+
+// The norm pass's row tile: C[r, :] = sum over splits, in split order, of workspace row m0 + r (zero past
+// M), so the result does not depend on which block ran first. Reader::load4(off) reads one Float4.
+template <class Reader>
+PE_HD void sum_partials(const Geometry& g, const Plan& pl, const Reader& ws, int64_t m0, float* c, int tid,
+                        int nthreads) {
+  const int groups = pl.npad / 4;
+  for (int i = tid; i < pl.bm * groups; i += nthreads) {
+    const int r = i / groups;
+    const int j = (i - r * groups) * 4;
+    const int64_t m = m0 + r;
+    Float4 acc = {{0.f, 0.f, 0.f, 0.f}};
+    if (m < g.M)
+      for (int s = 0; s < pl.splits; ++s) {
+        const Float4 v = ws.load4((static_cast<int64_t>(s) * g.M + m) * pl.npad + j);
+        for (int q = 0; q < 4; ++q) acc.v[q] += v.v[q];
+      }
+    *reinterpret_cast<Float4*>(c + r * pl.ldc + j) = acc;
+  }
+}
+
+// The workspace in global memory (16-byte aligned: npad is a multiple of 16).
+struct GlobalWorkspace {
+  float* ptr;
+  PE_HD void store4(int64_t off, const Float4& v) const { *reinterpret_cast<Float4*>(ptr + off) = v; }
+  PE_HD Float4 load4(int64_t off) const { return *reinterpret_cast<const Float4*>(ptr + off); }
+};
 
 // Stores into the (M, Cout) token matrix; `vec4` when 4 consecutive outputs of a row may be stored as
 // one aligned pack (Cout % 4 == 0 and an aligned base pointer).

@@ -24,6 +24,7 @@ struct LaunchArgs {
   int64_t bias_stride, norm_weight_stride, norm_bias_stride;
   float eps;
   void* out;  // contiguous (M, Cout), x's dtype
+  float* workspace;  // (plan.splits, M, plan.npad) fp32 when plan_for(...).partial, else unused
 };
 
 inline int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }

@@ -120,6 +120,12 @@ void run(const Geometry& g, const at::Tensor& x, const at::Tensor& weight, const
   a.norm_bias_stride = norm_bias.stride(0);
   a.eps = static_cast<float>(eps);
   a.out = out.data_ptr();
+  const Plan plan = plan_for(a);
+  at::Tensor workspace;
+  if (plan.partial) {
+    workspace = at::empty({plan.splits, g.M, plan.npad}, x.options().dtype(at::kFloat));
+    a.workspace = workspace.data_ptr<float>();
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   C10_CUDA_CHECK(launch_patch_embed(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
 }

@@ -214,33 +214,93 @@ def test_cmake_host_test(host_build):
 
 
 # (B, Cin, H, W, Cout, k, s, p, layout): resident and streamed plans, both layouts, Cout 320 and 1024, each
-# at least three tiles (the emulation runs three blocks; the launcher never starts more blocks than tiles).
+# at least three tiles (the emulation runs three blocks; the launcher never starts more blocks than tiles),
+# and make_plan's choice where that is a split plan (the stage-4 case, among others).
 TRAFFIC_CASES = [(2, 3, 64, 56, 64, 7, 4, 3, "nchw"), (2, 3, 72, 64, 64, 4, 4, 0, "nchw"),
                  (1, 64, 11, 9, 128, 3, 2, 1, "nhwc"), (1, 128, 7, 9, 320, 2, 2, 0, "nhwc"),
-                 (1, 16, 6, 6, 1024, 2, 2, 0, "nhwc")]
+                 (1, 16, 6, 6, 1024, 2, 2, 0, "nhwc"), (1, 320, 16, 16, 512, 3, 2, 1, "nhwc")]
+# (case, (warps, bm, bn), splits wanted): split plans forced, with tails in tokens, chunks and channels (Cout
+# 136: npad 144 in two 128-channel blocks).
+SPLIT_TRAFFIC_CASES = [((1, 128, 7, 9, 320, 2, 2, 0, "nhwc"), (4, 64, 64), 3),
+                       ((2, 3, 67, 53, 64, 7, 4, 3, "nchw"), (8, 128, 64), 2),
+                       ((1, 320, 9, 7, 512, 3, 2, 1, "nhwc"), (16, 64, 256), 4),
+                       ((2, 20, 13, 9, 136, 3, 2, 1, "nhwc"), (16, 128, 128), 8)]
+_PLAN_FIELDS = ("bm", "bn", "npad", "bk", "chunks", "chunks_per_split", "splits", "col_blocks", "row_tiles", "tiles",
+                "partial", "vec", "warps")
+_COUNTED = ("x", "weight", "out", "workspace_stored", "workspace_loaded")
+
+
+def _host_json(host_build, *args):
+    import json
+
+    result = subprocess.run([str(host_build / "patch_embed_host_test"), *map(str, args)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _assert_plan_matches(measured, plan):
+    assert {k: measured[k] for k in _PLAN_FIELDS} == {k: getattr(plan, k) for k in _PLAN_FIELDS}
+    assert measured["smem"] == plan.smem_bytes
+
+
+def _case_id(c):
+    return "x".join(map(str, c[:8])) + c[8]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", TRAFFIC_CASES, ids=lambda c: "x".join(map(str, c[:8])) + c[8])
+@pytest.mark.parametrize("case", TRAFFIC_CASES, ids=_case_id)
 def test_traffic_model_matches_the_kernel_core(host_build, case, dtype):
     """pvt_fast.kernels.patch_embed_cuda (the traffic model's Python mirror of the plan) against the C++ plan,
     and its element counts against what the host test's emulation of three blocks reads and writes."""
-    import json
-
     from pvt_fast.kernels import patch_embed_cuda as pe_model
 
     p = pe_model.Problem(*case, dtype)
-    elem = p.elem
-    result = subprocess.run([str(host_build / "patch_embed_host_test"), "--traffic", *map(str, case), str(elem), "3"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-2000:]
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = _host_json(host_build, "--traffic", *case, p.elem, 3)
     plan = pe_model.plan(p)
-    assert {k: measured[k] for k in ("bm", "npad", "bk", "chunks", "vec", "tiles", "smem", "warps")} == dict(
-        bm=plan.bm, npad=plan.npad, bk=plan.bk, chunks=plan.chunks, vec=plan.vec, tiles=plan.tiles,
-        smem=plan.smem_bytes, warps=plan.warps)
+    _assert_plan_matches(measured, plan)
     counts = pe_model.counts(p, blocks=3)
-    assert {k: measured[k] for k in ("x", "weight", "out")} == {k: counts[k] for k in ("x", "weight", "out")}
+    assert {k: measured[k] for k in _COUNTED} == {k: counts[k] for k in _COUNTED}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case, shape, splits", SPLIT_TRAFFIC_CASES, ids=lambda c: _case_id(c) if isinstance(c, tuple)
+                         and len(c) == 9 else None)
+def test_split_plan_traffic_matches_the_kernel_core(host_build, case, shape, splits, dtype):
+    """Split plans forced: plan and counts (x per column block, weight per row tile, the workspace written
+    once and read once) against the emulation of both kernels on three blocks each."""
+    from pvt_fast.kernels import patch_embed_cuda as pe_model
+
+    p = pe_model.Problem(*case, dtype)
+    measured = _host_json(host_build, "--traffic", *case, p.elem, 3, *shape, splits)
+    plan = pe_model.split_plan(p, shape, splits)
+    assert plan.partial and measured["partial"]
+    _assert_plan_matches(measured, plan)
+    assert (measured["norm_bm"], measured["norm_tiles"], measured["norm_smem"]) == tuple(
+        getattr(pe_model.norm_plan(p, plan), k) for k in ("bm", "tiles", "smem_bytes"))
+    counts = pe_model.counts(p, blocks=3, pl=plan)
+    assert {k: measured[k] for k in _COUNTED} == {k: counts[k] for k in _COUNTED}
+
+
+def test_plan_choice_matches_the_kernel_core(host_build):
+    """make_plan (C++) and plan() (Python) pick the same plan, with the same estimate, at every benchmark
+    shape: the C++ chooser's constants and formula are the traffic model's."""
+    from pvt_fast.kernels import patch_embed_cuda as pe_model
+    from pvt_fast.kernels import traffic
+
+    split = 0
+    for model in traffic.MODELS:
+        for side, batch in traffic.POINTS:
+            for st in traffic.stages(model, side, batch):
+                for dtype in traffic.DTYPES:
+                    p = pe_model.Problem.for_stage(st, dtype)
+                    measured = _host_json(host_build, "--plan", p.B, p.cin, p.H, p.W, p.cout, p.k, p.s, p.p, p.layout,
+                                          p.elem)
+                    plan = pe_model.plan(p)
+                    _assert_plan_matches(measured, plan)
+                    assert measured["seconds"] == pytest.approx(pe_model.estimated_seconds(p, plan), rel=1e-12)
+                    split += plan.partial
+    assert split >= 8  # stages 3 and 4 of both models in bf16 take split plans
 
 
 def _cuobjdump():
@@ -298,8 +358,9 @@ def test_sass_uses_tensor_cores_for_half_types():
 def test_built_kernels_do_not_spill():
     usage = subprocess.run([_cuobjdump(), "-res-usage", _extension_path()], capture_output=True, text=True,
                            check=True).stdout
-    lines = re.findall(r"Function (\S*patch_embed_kernel\S*):\s*\n\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)", usage)
-    assert lines, usage[-2000:]
+    lines = re.findall(r"Function (\S*patch_embed_\w*kernel\S*):\s*\n\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)",
+                       usage)
+    assert any("norm_kernel" in name for name, _ in lines) and any("norm" not in name for name, _ in lines), usage[-2000:]
     for name, resources in lines:
         assert "STACK:0 " in resources and "LOCAL:0" in resources, f"{name}: {resources}"
 
@@ -322,7 +383,8 @@ def test_ptxas_reports_no_spills(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
-    assert len(spills) >= 2 * 6, result.stderr[-4000:]  # every instantiation, both architectures
+    # every instantiation (conv tiles: 3 dtypes x 2 vector widths; norm pass: 3 dtypes), both architectures
+    assert len(spills) >= 2 * 9, result.stderr[-4000:]
     assert all(s == ("0", "0") for s in spills), result.stderr[-4000:]
 
 
@@ -337,6 +399,8 @@ CUDA_GEOMETRIES = [
     ("v2-stage1", 2, 3, 67, 53, 64, 7, 4, 3, "nchw"),
     ("v2-stage2", 1, 64, 29, 23, 128, 3, 2, 1, "nhwc"),
     ("v2-stage4-streamed", 1, 320, 9, 7, 512, 3, 2, 1, "nhwc"),
+    ("v2-stage4-split", 1, 320, 64, 64, 512, 3, 2, 1, "nhwc"),  # split plans: fp32, bf16 and fp16
+    ("v2-stage3-split", 2, 128, 30, 26, 320, 3, 2, 1, "nhwc"),
     ("cout-1024", 1, 16, 6, 10, 1024, 2, 2, 0, "nhwc"),
     ("odd-cout-odd-cin", 3, 5, 13, 9, 37, 3, 2, 1, "nhwc"),
     ("batch1-one-token", 1, 3, 4, 4, 48, 4, 4, 0, "nchw"),

@@ -150,27 +150,42 @@ static double ref_value(const Problem& pr, const pe::Geometry& g, const Strided&
   return acc;
 }
 
-// The invariants the kernel relies on (see gather_a, tensor_core_chunk, normalize_tile).
+// The invariants the kernels rely on (see gather_a, tensor_core_chunk, tile_coord, normalize_tile).
 static bool check_plan(const pe::Geometry& g, const pe::Plan& pl, int vec, int es, const std::string& name) {
   EXPECT(pl.warps_m * pl.warps_n == pl.warps && pl.threads == 32 * pl.warps && pl.bm == 16 * pl.warps_m,
          "%s: warp grid %dx%d for %d warps", name.c_str(), pl.warps_m, pl.warps_n, pl.warps);
-  EXPECT(pl.npad >= g.Cout && pl.npad % 16 == 0 &&
-             (pl.npad / 16 + pl.warps_n - 1) / pl.warps_n <= pe::kMaxFragmentsPerWarp,
-         "%s: npad %d needs more than %d fragments per warp", name.c_str(), pl.npad, pe::kMaxFragmentsPerWarp);
+  EXPECT(pl.npad >= g.Cout && pl.npad % 16 == 0 && pl.bn % 16 == 0 && pl.bn <= pl.npad &&
+             (pl.partial || pl.bn == pl.npad) && (pl.bn / 16 + pl.warps_n - 1) / pl.warps_n <= pe::kMaxFragmentsPerWarp,
+         "%s: bn %d of npad %d needs more than %d fragments per warp", name.c_str(), pl.bn, pl.npad,
+         pe::kMaxFragmentsPerWarp);
   EXPECT(pl.threads % pl.bm == 0 && pl.bm % (32 / pl.lanes_per_row) == 0 && pl.lanes_per_row >= 1 &&
              pl.lanes_per_row <= 32 && (pl.lanes_per_row & (pl.lanes_per_row - 1)) == 0,
          "%s: bm %d, lanes per row %d", name.c_str(), pl.bm, pl.lanes_per_row);
   EXPECT(pl.bk % 16 == 0 && pl.bk % vec == 0 && static_cast<int64_t>(pl.chunks) * pl.bk >= g.K &&
              static_cast<int64_t>(pl.chunks - 1) * pl.bk < g.K && pl.lda * es % 16 == 0 && pl.ldw * es % 16 == 0 &&
-             pl.ldc % 4 == 0,
+             pl.ldc % 4 == 0 && pl.ldc >= pl.bn,
          "%s: bk %d, chunks %d, K %lld", name.c_str(), pl.bk, pl.chunks, (long long)g.K);
+  EXPECT(pl.chunks_per_split >= 1 && pl.splits * pl.chunks_per_split >= pl.chunks &&
+             (pl.splits - 1) * pl.chunks_per_split < pl.chunks && (pl.partial || pl.splits == 1) &&
+             pl.row_tiles * pl.bm >= g.M && (pl.row_tiles - 1) * pl.bm < g.M &&
+             pl.col_blocks * pl.bn >= pl.npad && (pl.col_blocks - 1) * pl.bn < pl.npad &&
+             pl.tiles == pl.row_tiles * pl.col_blocks * pl.splits,
+         "%s: %d splits of %d chunks, %lld x %d x %d tiles", name.c_str(), pl.splits, pl.chunks_per_split,
+         (long long)pl.row_tiles, pl.col_blocks, pl.splits);
   EXPECT(pl.smem_bytes <= pe::kMaxSmemBytes &&
              pl.off_w % 128 == 0 && pl.off_a % 128 == 0 && pl.off_c % 128 == 0,
          "%s: plan needs %d bytes of shared memory", name.c_str(), pl.smem_bytes);
+  if (pl.partial) {
+    const pe::Plan np = pe::make_norm_plan(g, pl);
+    EXPECT(np.bm % (32 / np.lanes_per_row) == 0 && np.ldc % 4 == 0 && np.off_c % 128 == 0 &&
+               np.smem_bytes <= 48 * 1024 && np.tiles * np.bm >= g.M && np.splits == pl.splits,
+           "%s: norm plan bm %d, %d bytes", name.c_str(), np.bm, np.smem_bytes);
+  }
   return true;
 }
 
-// Every Cout the op accepts, with small to large K, for both element sizes, gets a valid plan.
+// Every plan make_plan may choose (the fused plan and every split candidate), for every Cout the op
+// accepts, small to large K, both element sizes.
 static void sweep_plans() {
   int plans = 0, before = g_failures;
   const int64_t unit[4] = {1, 1, 1, 1};
@@ -179,8 +194,17 @@ static void sweep_plans() {
       for (int64_t k : {1, 2, 3, 4, 7})
         for (int es : {2, 4}) {
           const pe::Geometry g = pe::make_geometry(1, cin, 8, 8, cout, k, 1, 0, pe::Layout::kNHWC, unit);
+          const std::string name = "sweep Cout " + std::to_string(cout) + " K " + std::to_string(g.K);
           ++plans;
-          if (!check_plan(g, pe::make_plan(g, es, 1), 1, es, "sweep Cout " + std::to_string(cout))) return;
+          if (!check_plan(g, pe::make_fused_plan(g, es, 1), 1, es, name)) return;
+          for (const pe::SplitShape& shape : pe::kSplitShapes)
+            for (int want : pe::kSplitCounts) {
+              if (shape.bn > (cout + 15) / 16 * 16) continue;
+              const pe::Plan pl = pe::make_split_plan(g, es, 1, shape, want);
+              ++plans;
+              if (pl.smem_bytes <= pe::kMaxSmemBytes && !check_plan(g, pl, 1, es, name + " split")) return;
+            }
+          if (!check_plan(g, pe::make_plan(g, es, 1), 1, es, name + " chosen")) return;
         }
   if (g_failures == before)
     std::printf("  ok  %d plans (Cout 1..%d, K 1..%lld, 2- and 4-byte elements)\n", plans, pe::kMaxCout,
@@ -189,14 +213,81 @@ static void sweep_plans() {
 
 // Elements each tensor is read or written by a whole problem (every block, every thread).
 struct Traffic {
-  int64_t x = 0, weight = 0, out = 0;
+  int64_t x = 0, weight = 0, out = 0, workspace_stored = 0, workspace_loaded = 0;
+};
+
+// A split plan's fp32 workspace: every access in range and 4-aligned, writes counted per element, elements
+// moved counted for the traffic check. Poisoned with NaN, so a sum the norm pass reads unwritten shows up.
+struct CheckedWorkspace {
+  float* values;
+  int* writes;
+  int64_t size;
+  std::string* error;
+  Traffic* traffic;
+  bool bad(int64_t off) const {
+    if (off >= 0 && off + 4 <= size && off % 4 == 0) return false;
+    if (error->empty()) *error = "workspace access at " + std::to_string(off) + " outside or misaligned";
+    return true;
+  }
+  void store4(int64_t off, const pe::Float4& v) const {
+    traffic->workspace_stored += 4;
+    if (bad(off)) return;
+    for (int q = 0; q < 4; ++q) {
+      values[off + q] = v.v[q];
+      ++writes[off + q];
+    }
+  }
+  pe::Float4 load4(int64_t off) const {
+    traffic->workspace_loaded += 4;
+    pe::Float4 v = {{NAN, NAN, NAN, NAN}};
+    if (!bad(off))
+      for (int q = 0; q < 4; ++q) v.v[q] = values[off + q];
+    return v;
+  }
+};
+
+// The kernels' epilogue (normalize_tile) on one tile: warp w, lane l handles row r0 + l / lanes with r0 =
+// w * rows_per_warp, w * rows_per_warp + warps * rows_per_warp, ...; the lanes of a row add their partials.
+template <class Writer>
+static void emulate_epilogue(const pe::Geometry& g, const pe::Plan& pl, const float* c, const float* params,
+                             int64_t m0, float eps, const Writer& writer) {
+  const int lanes = pl.lanes_per_row, rows_per_warp = 32 / lanes;
+  for (int warp = 0; warp < pl.warps; ++warp)
+    for (int r0 = warp * rows_per_warp; r0 < pl.bm; r0 += pl.warps * rows_per_warp)
+      for (int lr = 0; lr < rows_per_warp; ++lr) {
+        const int r = r0 + lr;
+        const float* c_row = c + r * pl.ldc;
+        float s = 0, q = 0;
+        for (int sub = 0; sub < lanes; ++sub) s += pe::row_partial_sum(c_row, params, g.Cout, pl.npad, sub, lanes);
+        const float mean = s / static_cast<float>(g.Cout);
+        for (int sub = 0; sub < lanes; ++sub)
+          q += pe::row_partial_sqdev(c_row, params, g.Cout, pl.npad, mean, sub, lanes);
+        const float rstd = 1.f / std::sqrt(q / static_cast<float>(g.Cout) + eps);
+        const int64_t m = m0 + r;
+        if (m < g.M)
+          for (int sub = 0; sub < lanes; ++sub)
+            pe::row_store(c_row, params, g.Cout, pl.npad, mean, rstd, sub, lanes, m * g.Cout, writer);
+      }
+}
+
+// Which plan a run uses: make_plan's, the fused plan, or the split plan of `shape` with about `splits` splits.
+struct PlanChoice {
+  enum Kind { kChosen, kFused, kSplit } kind = kChosen;
+  pe::SplitShape shape{};
+  int splits = 1;
+  pe::Plan make(const pe::Geometry& g, int es, int vec) const {
+    if (kind == kFused) return pe::make_fused_plan(g, es, vec);
+    if (kind == kSplit) return pe::make_split_plan(g, es, vec, shape, splits);
+    return pe::make_plan(g, es, vec);
+  }
 };
 
 // Runs one problem with x stored as T (weights stored as float with the problem's strides, packed and
-// rounded to T as the op does) on `grid` emulated blocks (grid <= 0: the launcher's, `sms` SMs with the
-// kernel's residency); returns false on the first failure.
+// rounded to T as the op does) on `grid` emulated blocks per kernel (at most the kernel's tiles), with the
+// plan `choice` names; returns false on the first failure.
 template <class T, int V>
-static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed, Traffic* traffic = nullptr) {
+static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed, Traffic* traffic = nullptr,
+                        const PlanChoice& choice = PlanChoice{}) {
   const int64_t x_sizes[4] = {pr.B, pr.Cin, pr.H, pr.W};  // logical b, c, h, w
   // Memory order of x: nchw -> b,c,h,w; nhwc -> b,h,w,c; odd_strides swaps to the other.
   const bool nhwc_memory = (pr.layout == pe::Layout::kNHWC) != pr.odd_strides;
@@ -232,7 +323,7 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed, 
   const int vec = pe::choose_vec(g, sizeof(T), reinterpret_cast<uintptr_t>(x.data()));
   EXPECT(vec == pr.expect_vec, "%s: choose_vec picked %d, expected %d", pr.name, vec, pr.expect_vec);
   EXPECT(vec == V, "%s: instantiated with V=%d but the plan wants %d", pr.name, V, vec);
-  const pe::Plan pl = pe::make_plan(g, sizeof(T), vec);
+  const pe::Plan pl = choice.make(g, sizeof(T), vec);
   if (!check_plan(g, pl, V, sizeof(T), pr.name)) return false;
 
   // The op's packing (patch_embed_op.cpp pack_weight): row n, column kk = weight[n, weight_tap(kk)] in T.
@@ -253,57 +344,63 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed, 
   std::vector<int> writes(g.M * g.Cout, 0);
   const CountingWriter<T> writer{out.data(), writes.data(), g.M * g.Cout, &write_error};
 
+  const int64_t ws_size = pl.partial ? pl.splits * g.M * pl.npad : 0;
+  std::vector<float> workspace(ws_size, NAN);
+  std::vector<int> ws_writes(ws_size, 0);
+  const CheckedWorkspace wsp{workspace.data(), ws_writes.data(), ws_size, &write_error, &counted};
+
   const int nt = pl.threads;
-  if (grid <= 0) grid = static_cast<int>(pl.tiles);  // the traffic mode: --blocks gives the launcher's count
-  for (int block = 0; block < grid; ++block) {
+  const int conv_grid = static_cast<int>(grid <= 0 || grid > pl.tiles ? pl.tiles : grid);
+  for (int block = 0; block < conv_grid; ++block) {
     // This block's shared memory, poisoned.
     std::vector<float> params(3 * pl.npad, NAN);
-    std::vector<T> ws(pl.npad * pl.ldw, from_f<T>(NAN)), a(pl.bm * pl.lda, from_f<T>(NAN));
+    std::vector<T> ws(pl.bn * pl.ldw, from_f<T>(NAN)), a(pl.bm * pl.lda, from_f<T>(NAN));
     std::vector<float> c(pl.bm * pl.ldc, NAN);
     // Poisoned tables point far outside x, so an entry the builders skip makes an out-of-bounds read.
     std::vector<pe::TokenOrigin> tok(pl.bm, pe::TokenOrigin{int64_t{1} << 40, 0, 0});
     std::vector<pe::ColumnTap> col(pl.bk, pe::ColumnTap{int64_t{1} << 40, 0, 0});
 
-    for (int tid = 0; tid < nt; ++tid)
-      pe::load_params(pl, g.Cout, bias.data(), gamma.data(), beta.data(), 1, 1, 1, params.data(), tid, nt);
-    const bool resident = pl.chunks == 1;
+    if (!pl.partial)
+      for (int tid = 0; tid < nt; ++tid)
+        pe::load_params(pl, g.Cout, bias.data(), gamma.data(), beta.data(), 1, 1, 1, params.data(), tid, nt);
+    const bool resident = !pl.partial && pl.chunks == 1;
     if (resident) {
       for (int tid = 0; tid < nt; ++tid) pe::build_columns(g, pl, 0, col.data(), tid, nt);
-      for (int tid = 0; tid < nt; ++tid) pe::gather_w<T>(g, pl, 0, wr, ws.data(), tid, nt);
+      for (int tid = 0; tid < nt; ++tid) pe::gather_w<T>(g, pl, 0, 0, wr, ws.data(), tid, nt);
     }
-    for (int64_t tile = block; tile < pl.tiles; tile += grid) {
-      const int64_t m0 = tile * pl.bm;
-      for (int tid = 0; tid < nt; ++tid) pe::build_tokens(g, pl, m0, tok.data(), tid, nt);
-      for (int chunk = 0; chunk < pl.chunks; ++chunk) {
+    for (int64_t tile = block; tile < pl.tiles; tile += conv_grid) {
+      const pe::TileCoord t = pe::tile_coord(pl, tile);
+      for (int tid = 0; tid < nt; ++tid) pe::build_tokens(g, pl, t.m0, tok.data(), tid, nt);
+      for (int chunk = t.chunk_begin; chunk < t.chunk_end; ++chunk) {
         if (!resident)
           for (int tid = 0; tid < nt; ++tid) pe::build_columns(g, pl, chunk, col.data(), tid, nt);
         for (int tid = 0; tid < nt; ++tid)
           pe::gather_a<T, V>(g, pl, tok.data(), col.data(), xr, a.data(), tid, nt);
         if (!resident)
-          for (int tid = 0; tid < nt; ++tid) pe::gather_w<T>(g, pl, chunk, wr, ws.data(), tid, nt);
+          for (int tid = 0; tid < nt; ++tid) pe::gather_w<T>(g, pl, chunk, t.n0, wr, ws.data(), tid, nt);
         for (int tid = 0; tid < nt; ++tid)
-          pe::simt_mma_chunk(pl, a.data(), ws.data(), c.data(), chunk == 0, tid, nt);
+          pe::simt_mma_chunk(pl, a.data(), ws.data(), c.data(), chunk == t.chunk_begin, tid, nt);
       }
-      // The kernel's epilogue: warp w, lane l handles row r0 + l / lanes with r0 = w * rows_per_warp,
-      // w * rows_per_warp + warps * rows_per_warp, ...; the lanes of a row add their partials.
-      const int lanes = pl.lanes_per_row, rows_per_warp = 32 / lanes;
-      for (int warp = 0; warp < pl.warps; ++warp)
-        for (int r0 = warp * rows_per_warp; r0 < pl.bm; r0 += pl.warps * rows_per_warp)
-          for (int lr = 0; lr < rows_per_warp; ++lr) {
-            const int r = r0 + lr;
-            const float* c_row = c.data() + r * pl.ldc;
-            float s = 0, q = 0;
-            for (int sub = 0; sub < lanes; ++sub)
-              s += pe::row_partial_sum(c_row, params.data(), g.Cout, pl.npad, sub, lanes);
-            const float mean = s / static_cast<float>(g.Cout);
-            for (int sub = 0; sub < lanes; ++sub)
-              q += pe::row_partial_sqdev(c_row, params.data(), g.Cout, pl.npad, mean, sub, lanes);
-            const float rstd = 1.f / std::sqrt(q / static_cast<float>(g.Cout) + eps);
-            const int64_t m = m0 + r;
-            if (m < g.M)
-              for (int sub = 0; sub < lanes; ++sub)
-                pe::row_store(c_row, params.data(), g.Cout, pl.npad, mean, rstd, sub, lanes, m * g.Cout, writer);
-          }
+      if (pl.partial)
+        for (int tid = 0; tid < nt; ++tid) pe::store_partial(g, pl, c.data(), t, wsp, tid, nt);
+      else
+        emulate_epilogue(g, pl, c.data(), params.data(), t.m0, eps, writer);
+    }
+  }
+  if (pl.partial) {
+    for (int64_t i = 0; i < ws_size; ++i)
+      EXPECT(ws_writes[i] == 1, "%s: workspace element %lld written %d times", pr.name, (long long)i, ws_writes[i]);
+    const pe::Plan np = pe::make_norm_plan(g, pl);
+    const int norm_grid = static_cast<int>(grid <= 0 || grid > np.tiles ? np.tiles : grid);
+    for (int block = 0; block < norm_grid; ++block) {
+      std::vector<float> params(3 * np.npad, NAN), c(np.bm * np.ldc, NAN);
+      for (int tid = 0; tid < np.threads; ++tid)
+        pe::load_params(np, g.Cout, bias.data(), gamma.data(), beta.data(), 1, 1, 1, params.data(), tid, np.threads);
+      for (int64_t tile = block; tile < np.tiles; tile += norm_grid) {
+        for (int tid = 0; tid < np.threads; ++tid)
+          pe::sum_partials(g, np, wsp, tile * np.bm, c.data(), tid, np.threads);
+        emulate_epilogue(g, np, c.data(), params.data(), tile * np.bm, eps, writer);
+      }
     }
   }
   EXPECT(read_error.empty(), "%s: %s", pr.name, read_error.c_str());
@@ -334,43 +431,84 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed, 
     }
   }
   if (traffic != nullptr) *traffic = counted;
-  std::printf("  ok  %-44s M=%-5lld K=%-5lld bm=%-3d bk=%-3d chunks=%-2d vec=%d max|err|=%.2e\n", pr.name,
-              (long long)g.M, (long long)g.K, pl.bm, pl.bk, pl.chunks, V, max_err);
+  std::printf("  ok  %-52s %-6s M=%-5lld K=%-5lld bm=%-3d bn=%-4d bk=%-3d chunks=%-3d splits=%d vec=%d max|err|=%.2e\n",
+              pr.name, choice.kind == PlanChoice::kChosen ? "chosen" : choice.kind == PlanChoice::kFused ? "fused" : "split",
+              (long long)g.M, (long long)g.K, pl.bm, pl.bn, pl.bk, pl.chunks, pl.splits, V, max_err);
   return true;
 }
 
-// --traffic B Cin H W Cout k s p layout elem blocks: run one problem (random values, checked as above) on
-// `blocks` emulated blocks and print the elements it reads and writes and its plan, one JSON object.
-static int traffic_mode(char** argv) {
+static void print_plan(const pe::Geometry& g, const pe::Plan& pl, int elem) {
+  const pe::Plan np = pl.partial ? pe::make_norm_plan(g, pl) : pl;
+  std::printf("\"bm\": %d, \"bn\": %d, \"npad\": %d, \"bk\": %d, \"chunks\": %d, \"chunks_per_split\": %d, "
+              "\"splits\": %d, \"col_blocks\": %d, \"row_tiles\": %lld, \"tiles\": %lld, \"partial\": %s, "
+              "\"vec\": %d, \"smem\": %d, \"warps\": %d, \"norm_bm\": %d, \"norm_tiles\": %lld, "
+              "\"norm_smem\": %d, \"seconds\": %.17g",
+              pl.bm, pl.bn, pl.npad, pl.bk, pl.chunks, pl.chunks_per_split, pl.splits, pl.col_blocks,
+              (long long)pl.row_tiles, (long long)pl.tiles, pl.partial ? "true" : "false", pl.vec, pl.smem_bytes,
+              pl.warps, pl.partial ? np.bm : 0, pl.partial ? (long long)np.tiles : 0LL, pl.partial ? np.smem_bytes : 0,
+              pe::plan_seconds(g, pl, elem, pe::x_gather_elements(g)));
+}
+
+// x contiguous in the layout's order, as the model assumes.
+static pe::Geometry contiguous_geometry(const int64_t v[8], pe::Layout layout) {
+  const int64_t sizes[4] = {v[0], v[1], v[2], v[3]};
+  const int order_nchw[4] = {0, 1, 2, 3}, order_nhwc[4] = {0, 2, 3, 1};
+  const Strided xs = make_strides(sizes, layout == pe::Layout::kNHWC ? order_nhwc : order_nchw, 0);
+  return pe::make_geometry(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], layout, xs.strides);
+}
+
+// --plan B Cin H W Cout k s p layout elem: make_plan's choice for an aligned, contiguous x, one JSON object.
+static int plan_mode(char** argv) {
+  int64_t v[8];
+  for (int i = 0; i < 8; ++i) v[i] = std::atoll(argv[i]);
+  const pe::Layout layout = std::string(argv[8]) == "nchw" ? pe::Layout::kNCHW : pe::Layout::kNHWC;
+  const int elem = std::atoi(argv[9]);
+  const pe::Geometry g = contiguous_geometry(v, layout);
+  std::printf("{");
+  print_plan(g, pe::make_plan(g, elem, pe::choose_vec(g, elem, 0)), elem);
+  std::printf("}\n");
+  return EXIT_SUCCESS;
+}
+
+// --traffic B Cin H W Cout k s p layout elem blocks [warps bm bn splits]: run one problem (random values,
+// checked as above) on `blocks` emulated blocks per kernel, with make_plan's plan or the split plan named,
+// and print the elements it reads and writes and its plan, one JSON object.
+static int traffic_mode(int argc, char** argv) {
   int64_t v[8];
   for (int i = 0; i < 8; ++i) v[i] = std::atoll(argv[i]);
   const pe::Layout layout = std::string(argv[8]) == "nchw" ? pe::Layout::kNCHW : pe::Layout::kNHWC;
   const int elem = std::atoi(argv[9]), blocks = std::atoi(argv[10]);
-  // x contiguous in the layout's order, as the model assumes; choose_vec's width for an aligned tensor.
-  const int64_t sizes[4] = {v[0], v[1], v[2], v[3]};
-  const int order_nchw[4] = {0, 1, 2, 3}, order_nhwc[4] = {0, 2, 3, 1};
-  const Strided xs = make_strides(sizes, layout == pe::Layout::kNHWC ? order_nhwc : order_nchw, 0);
-  const pe::Geometry g = pe::make_geometry(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], layout, xs.strides);
+  const pe::Geometry g = contiguous_geometry(v, layout);
   const int vec = pe::choose_vec(g, elem, 0);
   const Problem pr{"traffic", v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], layout, false, vec};
+  PlanChoice choice;
+  if (argc == 15) {
+    choice.kind = PlanChoice::kSplit;
+    choice.shape = pe::SplitShape{std::atoi(argv[11]), std::atoi(argv[12]), std::atoi(argv[13])};
+    choice.splits = std::atoi(argv[14]);
+  }
   Traffic t;
   bool ok = false;
   if (elem == 4)
-    ok = vec == 4 ? run_problem<float, 4>(pr, blocks, 1e-4, 7, &t) : run_problem<float, 1>(pr, blocks, 1e-4, 7, &t);
+    ok = vec == 4 ? run_problem<float, 4>(pr, blocks, 1e-4, 7, &t, choice)
+                  : run_problem<float, 1>(pr, blocks, 1e-4, 7, &t, choice);
   else
-    ok = vec == 8   ? run_problem<HostBf16, 8>(pr, blocks, 1.0 / 256, 7, &t)
-         : vec == 4 ? run_problem<HostBf16, 4>(pr, blocks, 1.0 / 256, 7, &t)
-                    : run_problem<HostBf16, 1>(pr, blocks, 1.0 / 256, 7, &t);
-  const pe::Plan pl = pe::make_plan(g, elem, vec);
-  std::printf("{\"x\": %lld, \"weight\": %lld, \"out\": %lld, \"bm\": %d, \"npad\": %d, \"bk\": %d, "
-              "\"chunks\": %d, \"vec\": %d, \"tiles\": %lld, \"smem\": %d, \"warps\": %d}\n",
-              (long long)t.x, (long long)t.weight, (long long)t.out, pl.bm, pl.npad, pl.bk, pl.chunks, vec,
-              (long long)pl.tiles, pl.smem_bytes, pl.warps);
+    ok = vec == 8   ? run_problem<HostBf16, 8>(pr, blocks, 1.0 / 256, 7, &t, choice)
+         : vec == 4 ? run_problem<HostBf16, 4>(pr, blocks, 1.0 / 256, 7, &t, choice)
+                    : run_problem<HostBf16, 1>(pr, blocks, 1.0 / 256, 7, &t, choice);
+  const pe::Plan pl = choice.make(g, elem, vec);
+  std::printf("{\"x\": %lld, \"weight\": %lld, \"out\": %lld, \"workspace_stored\": %lld, "
+              "\"workspace_loaded\": %lld, ",
+              (long long)t.x, (long long)t.weight, (long long)t.out, (long long)t.workspace_stored,
+              (long long)t.workspace_loaded);
+  print_plan(g, pl, elem);
+  std::printf("}\n");
   return ok ? EXIT_SUCCESS : EXIT_FAILURE;
 }
 
 int main(int argc, char** argv) {
-  if (argc == 13 && std::string(argv[1]) == "--traffic") return traffic_mode(argv + 2);
+  if ((argc == 13 || argc == 17) && std::string(argv[1]) == "--traffic") return traffic_mode(argc - 2, argv + 2);
+  if (argc == 12 && std::string(argv[1]) == "--plan") return plan_mode(argv + 2);
   using L = pe::Layout;
   const L NCHW = L::kNCHW, NHWC = L::kNHWC;
   // name, B, Cin, H, W, Cout, k, s, p, layout, permuted strides, expected fp32 vector width
@@ -400,27 +538,76 @@ int main(int argc, char** argv) {
       {"bf16 v2 stage 1 k7s4p3 nchw 67x53 (3 tiles)", 1, 3, 67, 53, 64, 7, 4, 3, NCHW, false, 1},
       {"bf16 v2 stage 3 k3s2p1 nhwc Cin 128 Cout 320", 1, 128, 5, 7, 320, 3, 2, 1, NHWC, false, 8},
   };
+  // Split plans, forced: (problem, block shape, splits wanted). Tails in M, in npad (Cout 72: npad 80 in
+  // 64-column blocks), in the last split's chunks; K ranges of one chunk; generic strides.
+  struct SplitCase {
+    Problem pr;
+    pe::SplitShape shape;
+    int splits;
+  };
+  const SplitCase split_cases[] = {
+      {{"4w 64x64 nhwc Cout 320, 3 splits of 8 chunks", 1, 128, 7, 9, 320, 2, 2, 0, NHWC, false, 4}, {4, 64, 64}, 3},
+      {{"16w 64x256 v2 stage 4, 4 splits of 45 chunks", 1, 320, 9, 7, 512, 3, 2, 1, NHWC, false, 4}, {16, 64, 256}, 4},
+      {{"8w 128x64 v2 stage 1 nchw, 2 splits", 2, 3, 67, 53, 64, 7, 4, 3, NCHW, false, 1}, {8, 128, 64}, 2},
+      {{"4w 64x64 Cout 72, generic strides", 2, 20, 13, 9, 72, 3, 2, 1, NHWC, true, 1}, {4, 64, 64}, 2},
+  };
+  const SplitCase bf16_split_cases[] = {
+      {{"bf16 16w 128x128 v2 stage 4, 6 splits", 1, 320, 9, 7, 512, 3, 2, 1, NHWC, false, 8}, {16, 128, 128}, 6},
+      {{"bf16 8w 64x128 v1 stage 2, 2 splits", 2, 64, 19, 15, 128, 2, 2, 0, NHWC, false, 8}, {8, 64, 128}, 3},
+      {{"bf16 8w 128x64 v1 stage 1 nchw, K in one chunk", 2, 3, 32, 40, 64, 4, 4, 0, NCHW, false, 4}, {8, 128, 64}, 2},
+  };
   int total = 1;
   std::printf("plans\n");
   sweep_plans();
-  std::printf("fp32 storage (tolerance 1e-4)\n");
-  for (const Problem& pr : fp32_cases) {
+  // Each problem with the fused plan, then with make_plan's choice where that differs.
+  auto runs = [&](const Problem& pr, int es, auto&& run) {
+    const int64_t unit[4] = {1, 1, 1, 1};
+    const pe::Geometry g = pe::make_geometry(pr.B, pr.Cin, pr.H, pr.W, pr.Cout, pr.k, pr.s, pr.p, pr.layout, unit);
+    PlanChoice fused;
+    fused.kind = PlanChoice::kFused;
     ++total;
-    if (pr.expect_vec == 4)
-      run_problem<float, 4>(pr, 3, 1e-4, 1234 + total);
-    else
-      run_problem<float, 1>(pr, 3, 1e-4, 1234 + total);
-  }
+    run(fused);
+    if (pe::make_plan(g, es, pr.expect_vec).partial) {
+      ++total;
+      run(PlanChoice{});
+    }
+  };
+  std::printf("fp32 storage (tolerance 1e-4)\n");
+  for (const Problem& pr : fp32_cases)
+    runs(pr, 4, [&](const PlanChoice& c) {
+      if (pr.expect_vec == 4)
+        run_problem<float, 4>(pr, 3, 1e-4, 1234 + total, nullptr, c);
+      else
+        run_problem<float, 1>(pr, 3, 1e-4, 1234 + total, nullptr, c);
+    });
   // bf16 outputs are rounded to 8 significant bits: half an ulp is 2^-9 relative.
   std::printf("bf16 storage (tolerance 2^-8)\n");
-  for (const Problem& pr : bf16_cases) {
+  for (const Problem& pr : bf16_cases)
+    runs(pr, 2, [&](const PlanChoice& c) {
+      if (pr.expect_vec == 8)
+        run_problem<HostBf16, 8>(pr, 2, 1.0 / 256, 99 + total, nullptr, c);
+      else if (pr.expect_vec == 4)
+        run_problem<HostBf16, 4>(pr, 2, 1.0 / 256, 99 + total, nullptr, c);
+      else
+        run_problem<HostBf16, 1>(pr, 2, 1.0 / 256, 99 + total, nullptr, c);
+    });
+  std::printf("split plans, fp32 storage (tolerance 1e-4)\n");
+  for (const SplitCase& sc : split_cases) {
     ++total;
-    if (pr.expect_vec == 8)
-      run_problem<HostBf16, 8>(pr, 2, 1.0 / 256, 99 + total);
-    else if (pr.expect_vec == 4)
-      run_problem<HostBf16, 4>(pr, 2, 1.0 / 256, 99 + total);
+    const PlanChoice c{PlanChoice::kSplit, sc.shape, sc.splits};
+    if (sc.pr.expect_vec == 4)
+      run_problem<float, 4>(sc.pr, 3, 1e-4, 555 + total, nullptr, c);
     else
-      run_problem<HostBf16, 1>(pr, 2, 1.0 / 256, 99 + total);
+      run_problem<float, 1>(sc.pr, 3, 1e-4, 555 + total, nullptr, c);
+  }
+  std::printf("split plans, bf16 storage (tolerance 2^-8)\n");
+  for (const SplitCase& sc : bf16_split_cases) {
+    ++total;
+    const PlanChoice c{PlanChoice::kSplit, sc.shape, sc.splits};
+    if (sc.pr.expect_vec == 8)
+      run_problem<HostBf16, 8>(sc.pr, 2, 1.0 / 256, 777 + total, nullptr, c);
+    else
+      run_problem<HostBf16, 4>(sc.pr, 2, 1.0 / 256, 777 + total, nullptr, c);
   }
   std::printf("%d of %d problems passed\n", total - g_failures, total);
   return g_failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
