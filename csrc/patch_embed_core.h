@@ -333,12 +333,18 @@ inline double plan_seconds(const Geometry& g, const Plan& pl, int elem_size, int
   return t;
 }
 
-// The fused plan, or the split plan (over kSplitShapes x kSplitCounts) predicted fastest; ties keep the
-// earlier candidate, the fused plan first.
-inline Plan make_plan(const Geometry& g, int elem_size, int vec) {
+// Which plans make_plan weighs: all (kBest), only the fused plan, or only split plans (the fused plan
+// when Cout is too narrow for any split shape). The op takes it from PVT_FAST_PATCH_EMBED_PLAN, so that
+// tests on a GPU can run both kernels on the same problem.
+enum class PlanKind : int { kBest = 0, kFused = 1, kSplit = 2 };
+
+// The plan of `kind` predicted fastest, over the fused plan and the split plans of kSplitShapes x
+// kSplitCounts; ties keep the earlier candidate, the fused plan first.
+inline Plan make_plan(const Geometry& g, int elem_size, int vec, PlanKind kind = PlanKind::kBest) {
   Plan best = make_fused_plan(g, elem_size, vec);
+  if (kind == PlanKind::kFused) return best;
   const int64_t x_elements = x_gather_elements(g);
-  double best_seconds = plan_seconds(g, best, elem_size, x_elements);
+  double best_seconds = kind == PlanKind::kSplit ? 1e300 : plan_seconds(g, best, elem_size, x_elements);
   for (const SplitShape& shape : kSplitShapes) {
     if (shape.bn > best.npad) continue;
     int last_splits = 0;

@@ -25,6 +25,7 @@ struct LaunchArgs {
   float eps;
   void* out;  // contiguous (M, Cout), x's dtype
   float* workspace;  // (plan.splits, M, plan.npad) fp32 when plan_for(...).partial, else unused
+  PlanKind plan_kind;  // which plans make_plan weighs (kBest unless a test asks)
 };
 
 inline int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
@@ -32,7 +33,7 @@ inline int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 // The plan launch_patch_embed uses for these arguments.
 inline Plan plan_for(const LaunchArgs& a) {
   const int es = elem_size(a.dtype);
-  return make_plan(a.g, es, choose_vec(a.g, es, reinterpret_cast<uintptr_t>(a.x)));
+  return make_plan(a.g, es, choose_vec(a.g, es, reinterpret_cast<uintptr_t>(a.x)), a.plan_kind);
 }
 
 // Launches on `stream` on the current device; returns the launch's error code. Requires M >= 1.

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "patch_embed_launch.h"
@@ -91,6 +93,17 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::T
   return make_geometry(x.size(0), cin, h, w, cout, k, stride, padding, layout, x_strides);
 }
 
+// PVT_FAST_PATCH_EMBED_PLAN: unset, "" or "auto" lets make_plan choose; "fused" or "split" restricts it
+// (for tests on a GPU: both kernels on the same problem).
+PlanKind plan_kind_from_env() {
+  const char* value = std::getenv("PVT_FAST_PATCH_EMBED_PLAN");
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) return PlanKind::kBest;
+  if (std::strcmp(value, "fused") == 0) return PlanKind::kFused;
+  TORCH_CHECK_VALUE(std::strcmp(value, "split") == 0,
+                    "PVT_FAST_PATCH_EMBED_PLAN must be \"auto\", \"fused\" or \"split\", got \"", value, "\"");
+  return PlanKind::kSplit;
+}
+
 // The weight as the kernel reads it (see patch_embed_core.h): (Cout, packed_pitch) contiguous in x's dtype,
 // columns in the layout's kk order ((ci, kh, kw) is OIHW's; (kh, kw, ci) is OHWI's), zero past K. One
 // copy per call, from any layout and from fp32 (rounded to nearest even, as autocast's cast).
@@ -120,6 +133,7 @@ void run(const Geometry& g, const at::Tensor& x, const at::Tensor& weight, const
   a.norm_bias_stride = norm_bias.stride(0);
   a.eps = static_cast<float>(eps);
   a.out = out.data_ptr();
+  a.plan_kind = plan_kind_from_env();
   const Plan plan = plan_for(a);
   at::Tensor workspace;
   if (plan.partial) {

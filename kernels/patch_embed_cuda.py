@@ -256,15 +256,18 @@ def candidates(p):
     return out
 
 
-def plan(p):
+def plan(p, kind="auto"):
     """``make_plan`` for problem ``p`` with contiguous tensors: the candidate of least estimated time, the
-    earlier on ties."""
-    best, best_seconds = None, None
-    for pl in candidates(p):
-        seconds = estimated_seconds(p, pl)
-        if best is None or seconds < best_seconds:
-            best, best_seconds = pl, seconds
-    return best
+    earlier on ties; ``kind`` "fused" or "split" restricts the candidates as ``PVT_FAST_PATCH_EMBED_PLAN``
+    does (the fused plan when no split shape fits Cout)."""
+    if kind not in ("auto", "fused", "split"):
+        raise ValueError(f'kind must be "auto", "fused" or "split", got {kind!r}')
+    options = candidates(p)
+    if kind == "fused" or (kind == "split" and len(options) == 1):
+        return options[0]
+    if kind == "split":
+        options = options[1:]
+    return min(options, key=lambda pl: estimated_seconds(p, pl))
 
 
 def counts(p, blocks=None, pl=None):

@@ -294,12 +294,14 @@ def test_plan_choice_matches_the_kernel_core(host_build):
             for st in traffic.stages(model, side, batch):
                 for dtype in traffic.DTYPES:
                     p = pe_model.Problem.for_stage(st, dtype)
-                    measured = _host_json(host_build, "--plan", p.B, p.cin, p.H, p.W, p.cout, p.k, p.s, p.p, p.layout,
-                                          p.elem)
-                    plan = pe_model.plan(p)
-                    _assert_plan_matches(measured, plan)
-                    assert measured["seconds"] == pytest.approx(pe_model.estimated_seconds(p, plan), rel=1e-12)
-                    split += plan.partial
+                    for kind in ("auto", "fused", "split"):
+                        measured = _host_json(host_build, "--plan", p.B, p.cin, p.H, p.W, p.cout, p.k, p.s, p.p,
+                                              p.layout, p.elem, kind)
+                        plan = pe_model.plan(p, kind)
+                        _assert_plan_matches(measured, plan)
+                        assert measured["seconds"] == pytest.approx(pe_model.estimated_seconds(p, plan), rel=1e-12)
+                        assert plan.partial == (kind == "split") or kind == "auto"
+                    split += pe_model.plan(p).partial
     assert split >= 8  # stages 3 and 4 of both models in bf16 take split plans
 
 
@@ -424,10 +426,14 @@ def _require_kernel():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("plan", ["auto", "fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("geometry", CUDA_GEOMETRIES, ids=[g[0] for g in CUDA_GEOMETRIES])
-def test_cuda_kernel_matches_reference(geometry, dtype):
+def test_cuda_kernel_matches_reference(geometry, dtype, plan, monkeypatch):
+    """Every geometry on make_plan's choice, on the fused plan and on a split plan (PVT_FAST_PATCH_EMBED_PLAN;
+    Cout under 64 has no split shape and stays fused)."""
     _require_kernel()
+    monkeypatch.setenv("PVT_FAST_PATCH_EMBED_PLAN", plan)
     _, B, Cin, H, W, Cout, k, s, p, layout = geometry
     args = _make_inputs(B, Cin, H, W, Cout, k, layout, dtype=dtype, device="cuda")
     out = _run_kernel_poisoned(args, s, p, 1e-6, layout)
@@ -507,6 +513,15 @@ def test_cuda_kernel_names_bad_inputs(case, message):
     # The C++ checks, reached without the Python wrapper's.
     with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
         torch.ops.pvt_fast.patch_embed(x, weight, bias, nw, nb, 4, 0, 1e-5, layout)
+
+
+@pytest.mark.gpu
+def test_cuda_plan_variable_is_checked(monkeypatch):
+    _require_kernel()
+    monkeypatch.setenv("PVT_FAST_PATCH_EMBED_PLAN", "streamed")
+    x, weight, bias, nw, nb = _make_inputs(1, 3, 8, 8, 16, 4, "nchw", dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match=r'PVT_FAST_PATCH_EMBED_PLAN must be "auto", "fused" or "split", got "streamed"'):
+        torch.ops.pvt_fast.patch_embed(x, weight, bias, nw, nb, 4, 0, 1e-5, "nchw")
 
 
 @pytest.mark.gpu

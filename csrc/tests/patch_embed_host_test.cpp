@@ -457,15 +457,18 @@ static pe::Geometry contiguous_geometry(const int64_t v[8], pe::Layout layout) {
   return pe::make_geometry(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], layout, xs.strides);
 }
 
-// --plan B Cin H W Cout k s p layout elem: make_plan's choice for an aligned, contiguous x, one JSON object.
-static int plan_mode(char** argv) {
+// --plan B Cin H W Cout k s p layout elem [auto|fused|split]: make_plan's choice for an aligned, contiguous
+// x, one JSON object.
+static int plan_mode(int argc, char** argv) {
   int64_t v[8];
   for (int i = 0; i < 8; ++i) v[i] = std::atoll(argv[i]);
   const pe::Layout layout = std::string(argv[8]) == "nchw" ? pe::Layout::kNCHW : pe::Layout::kNHWC;
   const int elem = std::atoi(argv[9]);
   const pe::Geometry g = contiguous_geometry(v, layout);
   std::printf("{");
-  print_plan(g, pe::make_plan(g, elem, pe::choose_vec(g, elem, 0)), elem);
+  const std::string kind = argc == 11 ? argv[10] : "auto";
+  const pe::PlanKind k = kind == "fused" ? pe::PlanKind::kFused : kind == "split" ? pe::PlanKind::kSplit : pe::PlanKind::kBest;
+  print_plan(g, pe::make_plan(g, elem, pe::choose_vec(g, elem, 0), k), elem);
   std::printf("}\n");
   return EXIT_SUCCESS;
 }
@@ -508,7 +511,7 @@ static int traffic_mode(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   if ((argc == 13 || argc == 17) && std::string(argv[1]) == "--traffic") return traffic_mode(argc - 2, argv + 2);
-  if (argc == 12 && std::string(argv[1]) == "--plan") return plan_mode(argv + 2);
+  if ((argc == 12 || argc == 13) && std::string(argv[1]) == "--plan") return plan_mode(argc - 2, argv + 2);
   using L = pe::Layout;
   const L NCHW = L::kNCHW, NHWC = L::kNHWC;
   // name, B, Cin, H, W, Cout, k, s, p, layout, permuted strides, expected fp32 vector width
