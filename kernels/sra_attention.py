@@ -13,9 +13,9 @@ The gradient ``dkv`` has the layout of ``kv``; ``dq`` that of ``q``.
 
 The forward is flash attention: each program owns ``BLOCK_N`` queries of one (b, h), keeps them in
 registers and streams K/V in ``BLOCK_M``-key blocks with an online softmax in base 2 (``scale * log2 e``
-folded into one multiply). Every query block reads all of its head's K/V, so where many key blocks exist
-(M > 64: 1024 x 1024 inputs) the plan takes 256-query blocks to halve those reads, and where 128-query
-blocks would leave SMs idle (batch 1, few queries) 64-query blocks.
+folded into one multiply). Every query block reads all of its head's K/V: wider blocks (256 queries, where
+M > 64) halve those reads, narrower ones (64) give idle SMs programs at batch 1; the plan takes the width
+whose launch the traffic model (:mod:`pvt_fast.kernels.traffic`) predicts fastest on the device's SMs.
 
 The backward: when every key fits one block (M <= 64, every PVT stage at 224 x 224) one kernel does it
 all, five dots per query block and no recomputation: each program walks a range of queries of one (b, h),
@@ -24,7 +24,8 @@ dK, dV over its range. Otherwise flash attention's three kernels: delta, one tha
 each key block (dK, dV; 128-key blocks past 64 keys, so q and dO are read once per 128 keys) and one that
 walks the keys for each query block (dQ), both recomputing ``P = exp(S - lse)``. Query ranges summed by
 different programs write fp32 partial sums, added in a fixed order afterwards: nothing is accumulated with
-atomics, so results are bitwise reproducible.
+atomics, so results are bitwise reproducible. How many query ranges dK/dV is split into is chosen the same
+way: splits fill SMs, each adds an fp32 partial-sum pass.
 
 Head dims up to 128: the head-dim block is the next power of two >= 32, masked beyond d. The block sizes
 come from one table (``_CONFIGS``) indexed by kernel, what tl.dot multiplies (fp16/bf16, tf32, or ieee
@@ -572,27 +573,32 @@ class BackwardPlan:
     delta_grid: tuple = None
 
 
-def _query_blocked(kernels, p, num_sms):
-    """(config, grid) of a kernel whose programs own query blocks: the first of ``kernels`` (widest first) with
-    a config for these dot inputs that gives every SM a program; a wide variant only past 64 keys (where
-    each query block's read of K and V adds up); the narrowest when none fills the GPU."""
+def _query_blocked(kernels, p, num_sms, launch_of):
+    """(config, grid) of a kernel whose programs own query blocks: of ``kernels``' configs for these dot inputs,
+    the one whose launch (``launch_of(p, config, grid)``) the traffic model predicts fastest on ``num_sms``
+    SMs, the first (the widest) on ties; a wide variant only past 64 keys. Wider blocks read each head's K
+    and V fewer times, narrower ones give idle SMs programs: e.g. 256-query blocks for pvt_v2_b2 stage 2 at
+    1024 px batch 1 (128 programs for 132 SMs, half the K/V reads of 128-query blocks)."""
+    from pvt_fast.kernels.traffic import launch_seconds
+
     bh = _grid_bh(p.B, p.heads)
-    choice = None
+    best = None
     for kernel in kernels:
         if (kernel, p.dot, p.block_d) not in _CONFIGS:
             continue
-        cfg = _config(kernel, p.dot, p.block_d, p.M)
         if kernel.endswith("_wide") and p.M <= _ONE_BLOCK_M:
             continue
+        cfg = _config(kernel, p.dot, p.block_d, p.M)
         choice = cfg, (triton.cdiv(p.N, cfg.block_n), bh)
-        if choice[1][0] * bh >= num_sms:
-            break
-    return choice
+        seconds = launch_seconds(launch_of(p, *choice), num_sms)
+        if best is None or seconds < best[0]:
+            best = seconds, choice
+    return best[1]
 
 
 def forward_plan(p, num_sms):
     """(config, grid) of the forward for problem ``p`` on a GPU with ``num_sms`` SMs (see :func:`_query_blocked`)."""
-    return _query_blocked(("fwd_wide", "fwd", "fwd_narrow"), p, num_sms)
+    return _query_blocked(("fwd_wide", "fwd", "fwd_narrow"), p, num_sms, _forward_launch)
 
 
 def _split_rows(N, block_n, want):
@@ -608,8 +614,9 @@ def backward_plan(p, num_sms, num_splits=None, grad_lse=False):
     When every key fits one block (``M <= 64``) and the dots run on tensor cores, one kernel does everything:
     each program walks a range of queries of one (b, h), ``num_splits`` ranges per (b, h) (None: enough to
     fill ``num_sms`` SMs once). Otherwise (or with a gradient into lse) three kernels: delta, dK/dV split
-    into ``num_splits`` query ranges (None: enough programs to fill the SMs twice, each range at least 8
-    query blocks), and dQ. Partial sums of split ranges are fp32, added afterwards in a fixed order.
+    into ``num_splits`` query ranges (None: the count of :data:`_DKDV_SPLITS` whose dK/dV launch and split
+    sum the traffic model predicts fastest on ``num_sms`` SMs), and dQ. Partial sums of split ranges are
+    fp32, added afterwards in a fixed order.
     """
     bh = _grid_bh(p.B, p.heads)
     one = "one" if p.head_dim == p.block_d else "one_masked"
@@ -623,11 +630,31 @@ def backward_plan(p, num_sms, num_splits=None, grad_lse=False):
     n_blocks = triton.cdiv(p.N, cfg.block_n)
     m_blocks = triton.cdiv(p.M, cfg.block_m)
     if num_splits is None:
-        num_splits = max(1, min(triton.cdiv(2 * num_sms, m_blocks * bh), n_blocks // 8))
+        num_splits = _dkdv_splits(p, cfg, m_blocks, num_sms)
     rows, splits = _split_rows(p.N, cfg.block_n, num_splits)
-    dq_cfg, dq_grid = _query_blocked(("dq", "dq_narrow"), p, num_sms)
+    dq_cfg, dq_grid = _query_blocked(("dq", "dq_narrow"), p, num_sms, _dq_launch)
     return BackwardPlan(rows, splits, dkdv=cfg, dkdv_grid=(m_blocks, bh, splits), dq=dq_cfg, dq_grid=dq_grid,
                         delta_grid=(triton.cdiv(p.N, _DELTA_BLOCK_N), bh))
+
+
+_DKDV_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def _dkdv_splits(p, cfg, m_blocks, num_sms):
+    """The split count (at most one per query block) whose dK/dV launch and split sum are predicted fastest:
+    more splits give idle SMs programs, each split writes fp32 partial sums that are added afterwards."""
+    from pvt_fast.kernels.traffic import launch_seconds
+
+    n_blocks = triton.cdiv(p.N, cfg.block_n)
+    best = None
+    for want in _DKDV_SPLITS:
+        if want > n_blocks:
+            break
+        rows, splits = _split_rows(p.N, cfg.block_n, want)
+        seconds = sum(launch_seconds(launch, num_sms) for launch in _dkdv_launches(p, cfg, m_blocks, rows, splits))
+        if best is None or seconds < best[0]:
+            best = seconds, splits
+    return best[1]
 
 
 def _problem(q, kv, num_heads):
@@ -739,21 +766,66 @@ def _peak(dot):
     return "fp32" if dot == "ieee" else dot
 
 
-def forward_cost(p, num_sms=SMS):
-    """The forward's launches as :mod:`pvt_fast.kernels.traffic` counts them (see the module docstring)."""
-    cfg, grid = forward_plan(p, num_sms)
+def _forward_launch(p, cfg, grid):
     e, d, bh = p.elem, p.head_dim, p.B * p.heads
     q_bytes, kv_bytes = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e
     head_kv = 2 * p.M * d * e  # K and V of one (b, h), read in full by each of its query blocks
     programs = grid[0] * grid[1]
-    launch = Launch("sra_attention_fwd", programs, (
+    return Launch("sra_attention_fwd", programs, (
         Access("q", q_bytes, loaded=q_bytes),
         Access("kv", kv_bytes, loaded=programs * head_kv, reuse_set=reuse_set(head_kv, grid[0])),
         Access("o", q_bytes, stored=q_bytes),
         Access("lse", 4 * bh * p.N, stored=4 * bh * p.N),
     ), flops=programs * triton.cdiv(p.M, cfg.block_m) * 4 * cfg.block_n * cfg.block_m * p.block_d,
         peak=_peak(p.dot))
+
+
+def forward_cost(p, num_sms=SMS):
+    """The forward's launches as :mod:`pvt_fast.kernels.traffic` counts them (see the module docstring)."""
+    launch = _forward_launch(p, *forward_plan(p, num_sms))
+    e, bh = p.elem, p.B * p.heads
+    q_bytes, kv_bytes = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e
     return OpCost((launch,), 2 * q_bytes + kv_bytes + 4 * bh * p.N, 4 * p.B * p.N * p.M * p.C)
+
+
+def _dkdv_launches(p, cfg, m_blocks, rows_per_split, splits):
+    """The dK/dV kernel over ``splits`` query ranges of ``rows_per_split`` rows, and the split sum if any."""
+    e, d, bh = p.elem, p.head_dim, p.B * p.heads
+    q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
+    head_kv = 2 * p.M * d * e
+    split_rows = [min(rows_per_split, p.N - s * rows_per_split) for s in range(splits)]
+    out_elem = e if splits == 1 else 4
+    dkv_out = Access("dkv" if splits == 1 else "dkv_partial", splits * kv_bytes // e * out_elem,
+                     stored=splits * kv_bytes // e * out_elem)
+    query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
+    kv_loads = (query_blocks if cfg.reload else splits) * bh * head_kv
+    launches = [Launch("sra_attention_bwd_dkdv", m_blocks * bh * splits, (
+        Access("kv", kv_bytes, loaded=kv_loads, reuse_set=kv_bytes if splits > 1 or cfg.reload else 0),
+        Access("q", q_bytes, loaded=m_blocks * q_bytes, reuse_set=reuse_set(rows_per_split * d * e, m_blocks)),
+        Access("grad_o", q_bytes, loaded=m_blocks * q_bytes, reuse_set=reuse_set(rows_per_split * d * e, m_blocks)),
+        Access("lse", rows_f32, loaded=m_blocks * rows_f32), Access("delta", rows_f32, loaded=m_blocks * rows_f32),
+        dkv_out,
+    ), flops=m_blocks * bh * query_blocks * 8 * cfg.block_m * cfg.block_n * p.block_d, peak=_peak(p.dot))]
+    if splits > 1:
+        launches += _split_sum(splits, kv_bytes, e)
+    return launches
+
+
+def _dq_launch(p, cfg, grid):
+    e, d, bh = p.elem, p.head_dim, p.B * p.heads
+    q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
+    head_kv = 2 * p.M * d * e
+    key_offset = d * e  # the head's first key, read once more by each dQ program (see the dQ kernel)
+    n_blocks = grid[0]
+    key_blocks = triton.cdiv(p.M, cfg.block_m)
+    row_loads = key_blocks if cfg.reload else 1
+    return Launch("sra_attention_bwd_dq", n_blocks * bh, (
+        Access("q", q_bytes, loaded=row_loads * q_bytes), Access("grad_o", q_bytes, loaded=row_loads * q_bytes),
+        Access("lse", rows_f32, loaded=rows_f32), Access("delta", rows_f32, loaded=rows_f32),
+        Access("kv", kv_bytes, loaded=n_blocks * bh * (head_kv + key_offset),
+               reuse_set=reuse_set(head_kv, n_blocks)),
+        Access("dq", q_bytes, stored=q_bytes),
+    ), flops=n_blocks * bh * key_blocks * 6 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot))
 
 
 def _split_sum(splits, kv_bytes, e):
@@ -769,7 +841,6 @@ def backward_cost(p, num_sms=SMS, num_splits=None):
     e, d, bh = p.elem, p.head_dim, p.B * p.heads
     q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
     head_kv = 2 * p.M * d * e
-    key_offset = d * e  # the head's first key, read once more by each dQ program (see the dQ kernel)
     splits = plan.num_splits
     split_rows = [min(plan.rows_per_split, p.N - s * plan.rows_per_split) for s in range(splits)]
     out_elem = e if splits == 1 else 4
@@ -794,31 +865,8 @@ def backward_cost(p, num_sms=SMS, num_splits=None):
     launches = [Launch("sra_attention_bwd_delta", plan.delta_grid[0] * bh, (
         Access("o", q_bytes, loaded=q_bytes), Access("grad_o", q_bytes, loaded=q_bytes),
         Access("delta", rows_f32, stored=rows_f32)))]
-    cfg, m_blocks = plan.dkdv, plan.dkdv_grid[0]
-    query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
-    kv_loads = (query_blocks if cfg.reload else splits) * bh * head_kv
-    launches.append(Launch("sra_attention_bwd_dkdv", m_blocks * bh * splits, (
-        Access("kv", kv_bytes, loaded=kv_loads, reuse_set=kv_bytes if splits > 1 or cfg.reload else 0),
-        Access("q", q_bytes, loaded=m_blocks * q_bytes,
-               reuse_set=reuse_set(plan.rows_per_split * d * e, m_blocks)),
-        Access("grad_o", q_bytes, loaded=m_blocks * q_bytes,
-               reuse_set=reuse_set(plan.rows_per_split * d * e, m_blocks)),
-        Access("lse", rows_f32, loaded=m_blocks * rows_f32), Access("delta", rows_f32, loaded=m_blocks * rows_f32),
-        dkv_out,
-    ), flops=m_blocks * bh * query_blocks * 8 * cfg.block_m * cfg.block_n * p.block_d, peak=_peak(p.dot)))
-    if splits > 1:
-        launches += _split_sum(splits, kv_bytes, e)
-
-    cfg, n_blocks = plan.dq, plan.dq_grid[0]
-    key_blocks = triton.cdiv(p.M, cfg.block_m)
-    row_loads = key_blocks if cfg.reload else 1
-    launches.append(Launch("sra_attention_bwd_dq", n_blocks * bh, (
-        Access("q", q_bytes, loaded=row_loads * q_bytes), Access("grad_o", q_bytes, loaded=row_loads * q_bytes),
-        Access("lse", rows_f32, loaded=rows_f32), Access("delta", rows_f32, loaded=rows_f32),
-        Access("kv", kv_bytes, loaded=n_blocks * bh * (head_kv + key_offset),
-               reuse_set=reuse_set(head_kv, n_blocks)),
-        Access("dq", q_bytes, stored=q_bytes),
-    ), flops=n_blocks * bh * key_blocks * 6 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot)))
+    launches += _dkdv_launches(p, plan.dkdv, plan.dkdv_grid[0], plan.rows_per_split, splits)
+    launches.append(_dq_launch(p, plan.dq, plan.dq_grid))
     return OpCost(tuple(launches), minimum, useful)
 
 
