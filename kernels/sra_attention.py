@@ -39,6 +39,7 @@ S is recomputed) or 14 (three kernels: the dQ kernel recomputes S and dP) per ``
 padding of partial blocks. What every launch reads and writes is :func:`forward_cost` and
 :func:`backward_cost` (checked against the bytes the interpreter moves, ``tests/test_traffic.py``).
 """
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -596,8 +597,10 @@ def _query_blocked(kernels, p, num_sms, launch_of):
     return best[1]
 
 
+@functools.lru_cache(maxsize=4096)
 def forward_plan(p, num_sms):
-    """(config, grid) of the forward for problem ``p`` on a GPU with ``num_sms`` SMs (see :func:`_query_blocked`)."""
+    """(config, grid) of the forward for problem ``p`` on a GPU with ``num_sms`` SMs (see :func:`_query_blocked`);
+    cached per (problem, SMs): a model calls it with a few shapes, every step."""
     return _query_blocked(("fwd_wide", "fwd", "fwd_narrow"), p, num_sms, _forward_launch)
 
 
@@ -608,6 +611,7 @@ def _split_rows(N, block_n, want):
     return rows, triton.cdiv(N, rows)
 
 
+@functools.lru_cache(maxsize=4096)
 def backward_plan(p, num_sms, num_splits=None, grad_lse=False):
     """The backward's plan for problem ``p``.
 
