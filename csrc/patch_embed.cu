@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(512, 1) patch_embed_kernel(const KernelArgs ar
 // The norm pass of a split plan (args.plan is make_norm_plan's): per bm-row tile, the splits' sums added in
 // order, then the fused plan's epilogue.
 template <class T>
-__global__ void __launch_bounds__(128, 1) patch_embed_norm_kernel(const KernelArgs args) {
+__global__ void __launch_bounds__(128, 4) patch_embed_norm_kernel(const KernelArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];
   const Geometry& g = args.g;
   const Plan& pl = args.plan;

@@ -198,8 +198,12 @@ inline void set_k_chunks(Plan& pl, const Geometry& g, int bk, int elem_size) {
 
 inline int lanes_for(int npad) { return pow2_floor(npad / 8 < 32 ? npad / 8 : 32); }
 
-// Requires 1 <= Cout <= kMaxCout (checked at the op boundary).
-inline Plan make_fused_plan(const Geometry& g, int elem_size, int vec) {
+// Requires 1 <= Cout <= kMaxCout (checked at the op boundary). `max_smem` lowers the budgets below for
+// GPUs with less shared memory per block (the plan may still exceed it for wide Cout: make_plan then
+// takes a split plan).
+inline Plan make_fused_plan(const Geometry& g, int elem_size, int vec, int max_smem = kMaxSmemBytes) {
+  const int resident_budget = kResidentSmemBytes < max_smem ? kResidentSmemBytes : max_smem;
+  const int streamed_budget = kMaxSmemBytes < max_smem ? kMaxSmemBytes : max_smem;
   Plan pl{};
   pl.npad = pl.bn = round_up(static_cast<int>(g.Cout), 16);
   const int col_tiles = pl.npad / 16;
@@ -215,15 +219,15 @@ inline Plan make_fused_plan(const Geometry& g, int elem_size, int vec) {
   pl.col_blocks = pl.splits = 1;
   // The whole K in one chunk when its tiles fit (checked in 64 bits first: K may be large).
   const int64_t whole_k = (g.K + 15) / 16 * 16;
-  const bool may_fit = whole_k * (pl.npad + pl.bm) * elem_size <= kResidentSmemBytes;
+  const bool may_fit = whole_k * (pl.npad + pl.bm) * elem_size <= resident_budget;
   set_k_chunks(pl, g, may_fit ? static_cast<int>(whole_k) : kStreamedChunk, elem_size);
   carve_smem(pl, elem_size);
   // Otherwise stream K in the widest chunk that fits (wide Cout leaves less room for the weight tile).
-  for (int bk = kStreamedChunk; pl.smem_bytes > kResidentSmemBytes && bk >= 16; bk /= 2) {
+  for (int bk = kStreamedChunk; pl.smem_bytes > resident_budget && bk >= 16; bk /= 2) {
     if (bk >= whole_k) continue;  // no smaller than the resident tiles
     set_k_chunks(pl, g, bk, elem_size);
     carve_smem(pl, elem_size);
-    if (pl.smem_bytes <= kMaxSmemBytes) break;
+    if (pl.smem_bytes <= streamed_budget) break;
   }
   pl.chunks_per_split = pl.chunks;
   return pl;
@@ -339,18 +343,22 @@ inline double plan_seconds(const Geometry& g, const Plan& pl, int elem_size, int
 enum class PlanKind : int { kBest = 0, kFused = 1, kSplit = 2 };
 
 // The plan of `kind` predicted fastest, over the fused plan and the split plans of kSplitShapes x
-// kSplitCounts; ties keep the earlier candidate, the fused plan first.
-inline Plan make_plan(const Geometry& g, int elem_size, int vec, PlanKind kind = PlanKind::kBest) {
-  Plan best = make_fused_plan(g, elem_size, vec);
+// kSplitCounts whose shared memory fits `max_smem` (the device's opt-in limit: 99 KB on sm_86 / sm_89);
+// ties keep the earlier candidate, the fused plan first. The fused plan when nothing fits (every Cout has a
+// split plan under 60 KB, so only a limit below that, or kind kFused, gets there).
+inline Plan make_plan(const Geometry& g, int elem_size, int vec, PlanKind kind = PlanKind::kBest,
+                      int max_smem = kMaxSmemBytes) {
+  Plan best = make_fused_plan(g, elem_size, vec, max_smem);
   if (kind == PlanKind::kFused) return best;
   const int64_t x_elements = x_gather_elements(g);
-  double best_seconds = kind == PlanKind::kSplit ? 1e300 : plan_seconds(g, best, elem_size, x_elements);
+  double best_seconds = 1e300;
+  if (kind == PlanKind::kBest && best.smem_bytes <= max_smem) best_seconds = plan_seconds(g, best, elem_size, x_elements);
   for (const SplitShape& shape : kSplitShapes) {
     if (shape.bn > best.npad) continue;
     int last_splits = 0;
     for (int want : kSplitCounts) {
       const Plan pl = make_split_plan(g, elem_size, vec, shape, want);
-      if (pl.splits == last_splits || pl.smem_bytes > kMaxSmemBytes) continue;
+      if (pl.splits == last_splits || pl.smem_bytes > kMaxSmemBytes || pl.smem_bytes > max_smem) continue;
       last_splits = pl.splits;
       const double seconds = plan_seconds(g, pl, elem_size, x_elements);
       if (seconds < best_seconds) {

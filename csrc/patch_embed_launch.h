@@ -25,7 +25,10 @@ struct LaunchArgs {
   float eps;
   void* out;  // contiguous (M, Cout), x's dtype
   float* workspace;  // (plan.splits, M, plan.npad) fp32 when plan_for(...).partial, else unused
-  PlanKind plan_kind;  // which plans make_plan weighs (kBest unless a test asks)
+  PlanKind plan_kind = PlanKind::kBest;  // which plans make_plan weighs (kBest unless a test asks)
+  SplitShape split_shape{};  // warps != 0: this split plan (with about split_count splits), for tests
+  int split_count = 1;
+  int max_smem = kMaxSmemBytes;  // the device's opt-in shared memory per block, capped at kMaxSmemBytes
 };
 
 inline int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
@@ -33,7 +36,9 @@ inline int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 // The plan launch_patch_embed uses for these arguments.
 inline Plan plan_for(const LaunchArgs& a) {
   const int es = elem_size(a.dtype);
-  return make_plan(a.g, es, choose_vec(a.g, es, reinterpret_cast<uintptr_t>(a.x)), a.plan_kind);
+  const int vec = choose_vec(a.g, es, reinterpret_cast<uintptr_t>(a.x));
+  if (a.split_shape.warps != 0) return make_split_plan(a.g, es, vec, a.split_shape, a.split_count);
+  return make_plan(a.g, es, vec, a.plan_kind, a.max_smem);
 }
 
 // Launches on `stream` on the current device; returns the launch's error code. Requires M >= 1.

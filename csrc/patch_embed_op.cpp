@@ -6,8 +6,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "patch_embed_launch.h"
@@ -93,15 +96,44 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::T
   return make_geometry(x.size(0), cin, h, w, cout, k, stride, padding, layout, x_strides);
 }
 
-// PVT_FAST_PATCH_EMBED_PLAN: unset, "" or "auto" lets make_plan choose; "fused" or "split" restricts it
-// (for tests on a GPU: both kernels on the same problem).
-PlanKind plan_kind_from_env() {
+// PVT_FAST_PATCH_EMBED_PLAN (for tests on a GPU: every kernel and tiling on the same problem): unset, ""
+// or "auto" lets make_plan choose; "fused" or "split" restricts it; "split:W:BM:BN:S" takes the split plan
+// of that kSplitShapes entry (W warps, BM x BN tiles) with about S splits.
+void apply_plan_env(const Geometry& g, LaunchArgs& a) {
   const char* value = std::getenv("PVT_FAST_PATCH_EMBED_PLAN");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) return PlanKind::kBest;
-  if (std::strcmp(value, "fused") == 0) return PlanKind::kFused;
-  TORCH_CHECK_VALUE(std::strcmp(value, "split") == 0,
-                    "PVT_FAST_PATCH_EMBED_PLAN must be \"auto\", \"fused\" or \"split\", got \"", value, "\"");
-  return PlanKind::kSplit;
+  const std::string v = value == nullptr ? "" : value;
+  const char* expected = "PVT_FAST_PATCH_EMBED_PLAN must be \"auto\", \"fused\", \"split\" or \"split:W:BM:BN:S\"";
+  if (v.empty() || v == "auto") return;
+  if (v == "fused" || v == "split") {
+    a.plan_kind = v == "fused" ? PlanKind::kFused : PlanKind::kSplit;
+    return;
+  }
+  int w = 0, bm = 0, bn = 0, splits = 0;
+  char tail = 0;
+  TORCH_CHECK_VALUE(std::sscanf(v.c_str(), "split:%d:%d:%d:%d%c", &w, &bm, &bn, &splits, &tail) == 4, expected,
+                    ", got \"", v, "\"");
+  bool known = false;
+  for (const SplitShape& shape : kSplitShapes) known |= shape.warps == w && shape.bm == bm && shape.bn == bn;
+  const int npad = round_up(static_cast<int>(g.Cout), 16);
+  TORCH_CHECK_VALUE(known && splits >= 1 && bn <= npad, "PVT_FAST_PATCH_EMBED_PLAN \"", v,
+                    "\" names no split plan for Cout ", g.Cout, ": W:BM:BN must be one of 4:64:64, 8:128:64, "
+                    "8:64:128, 16:128:128, 16:64:256 with BN <= ", npad, ", and S >= 1");
+  a.split_shape = SplitShape{w, bm, bn};
+  a.split_count = splits;
+}
+
+// The device's opt-in shared memory per block, capped at what plans are built for; queried once per device.
+int max_smem_of(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, int> by_device;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = by_device.find(device.index());
+  if (it == by_device.end()) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
+    it = by_device.emplace(device.index(), optin < kMaxSmemBytes ? optin : kMaxSmemBytes).first;
+  }
+  return it->second;
 }
 
 // The weight as the kernel reads it (see patch_embed_core.h): (Cout, packed_pitch) contiguous in x's dtype,
@@ -133,8 +165,11 @@ void run(const Geometry& g, const at::Tensor& x, const at::Tensor& weight, const
   a.norm_bias_stride = norm_bias.stride(0);
   a.eps = static_cast<float>(eps);
   a.out = out.data_ptr();
-  a.plan_kind = plan_kind_from_env();
+  a.max_smem = max_smem_of(x.device());
+  apply_plan_env(g, a);
   const Plan plan = plan_for(a);
+  TORCH_CHECK(plan.smem_bytes <= a.max_smem, "patch_embed: the plan needs ", plan.smem_bytes,
+              " bytes of shared memory per block, over this GPU's ", a.max_smem);
   at::Tensor workspace;
   if (plan.partial) {
     workspace = at::empty({plan.splits, g.M, plan.npad}, x.options().dtype(at::kFloat));

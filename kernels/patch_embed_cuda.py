@@ -19,6 +19,7 @@ RESIDENT_SMEM_BYTES = 110 * 1024
 MAX_SMEM_BYTES = 160 * 1024
 _SMEM_PER_SM = 228 * 1024  # H100: 228 KB of shared memory per SM (Hopper tuning guide)
 _THREADS_PER_SM = 2048
+_NORM_BLOCKS_PER_SM = 4  # the norm pass's __launch_bounds__(128, 4)
 _TOKEN_ORIGIN_BYTES = 16  # sizeof(TokenOrigin)
 _COLUMN_TAP_BYTES = 16  # sizeof(ColumnTap)
 
@@ -282,7 +283,7 @@ def counts(p, blocks=None, pl=None):
     workspace = pl.splits * p.M * pl.npad if pl.partial else 0
     if pl.partial:
         norm = norm_plan(p, pl)
-        param_blocks = min(norm.tiles, SMS * 16) if blocks is None else min(blocks, norm.tiles)
+        param_blocks = min(norm.tiles, SMS * _NORM_BLOCKS_PER_SM) if blocks is None else min(blocks, norm.tiles)
     else:
         param_blocks = conv_blocks
     return {"x": _x_gather_elements(p) * pl.col_blocks, "weight": weight_reads * p.cout * packed_pitch(p),
@@ -313,7 +314,7 @@ def forward_cost(p, pl=None):
         norm = norm_plan(p, pl)
         launches.append(Launch("patch_embed conv tiles (CUDA)", grid(pl),
                                accesses + (Access("workspace", workspace, stored=workspace),), flops=flops, peak=peak))
-        launches.append(Launch("patch_embed norm pass (CUDA)", min(norm.tiles, SMS * 16), (
+        launches.append(Launch("patch_embed norm pass (CUDA)", min(norm.tiles, SMS * _NORM_BLOCKS_PER_SM), (
             Access("workspace", workspace, loaded=workspace), params, Access("out", out_bytes, stored=out_bytes))))
     else:
         launches.append(Launch("patch_embed (CUDA)", grid(pl), accesses + (

@@ -516,11 +516,30 @@ def test_cuda_kernel_names_bad_inputs(case, message):
 
 
 @pytest.mark.gpu
-def test_cuda_plan_variable_is_checked(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", ["4:64:64", "8:128:64", "8:64:128", "16:128:128", "16:64:256"])
+def test_cuda_every_split_shape(shape, dtype, monkeypatch):
+    """Each split block shape forced, three splits, on Cout 320 (npad 320: the 128- and 256-channel blocks
+    have a tail) and 208 tokens (a token tail in every row tile)."""
     _require_kernel()
-    monkeypatch.setenv("PVT_FAST_PATCH_EMBED_PLAN", "streamed")
+    monkeypatch.setenv("PVT_FAST_PATCH_EMBED_PLAN", f"split:{shape}:3")
+    args = _make_inputs(1, 64, 31, 25, 320, 3, "nhwc", dtype=dtype, device="cuda")
+    out = _run_kernel_poisoned(args, 2, 1, 1e-6, "nhwc")
+    atol, rtol = CUDA_TOLERANCES[dtype]
+    assert_close(out, _reference(*args, 2, 1, 1e-6, "nhwc"), atol=atol, rtol=rtol, what=f"split {shape} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value, message", [
+    ("streamed", r'PVT_FAST_PATCH_EMBED_PLAN must be "auto", "fused", "split" or "split:W:BM:BN:S", got "streamed"'),
+    ("split:8:64:64:2", r'"split:8:64:64:2" names no split plan for Cout 16'),
+    ("split:4:64:64:2", r'"split:4:64:64:2" names no split plan for Cout 16: .* BN <= 16'),
+])
+def test_cuda_plan_variable_is_checked(value, message, monkeypatch):
+    _require_kernel()
+    monkeypatch.setenv("PVT_FAST_PATCH_EMBED_PLAN", value)
     x, weight, bias, nw, nb = _make_inputs(1, 3, 8, 8, 16, 4, "nchw", dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match=r'PVT_FAST_PATCH_EMBED_PLAN must be "auto", "fused" or "split", got "streamed"'):
+    with pytest.raises(ValueError, match=message):
         torch.ops.pvt_fast.patch_embed(x, weight, bias, nw, nb, 4, 0, 1e-5, "nchw")
 
 

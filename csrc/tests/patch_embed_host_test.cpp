@@ -175,10 +175,21 @@ static bool check_plan(const pe::Geometry& g, const pe::Plan& pl, int vec, int e
   EXPECT(pl.smem_bytes <= pe::kMaxSmemBytes &&
              pl.off_w % 128 == 0 && pl.off_a % 128 == 0 && pl.off_c % 128 == 0,
          "%s: plan needs %d bytes of shared memory", name.c_str(), pl.smem_bytes);
+  // Each region holds what the kernel puts there (the emulation uses separate buffers, so it cannot tell).
+  const int tok_bytes = pl.bm * static_cast<int>(sizeof(pe::TokenOrigin));
+  const int col_bytes = pl.bk * static_cast<int>(sizeof(pe::ColumnTap));
+  EXPECT(pl.off_params == 0 && pl.off_w - pl.off_params >= (pl.partial ? 0 : 3 * pl.npad * 4) &&
+             pl.off_a - pl.off_w >= pl.bn * pl.ldw * es && pl.off_c - pl.off_a >= pl.bm * pl.lda * es &&
+             pl.off_tok - pl.off_c >= pl.bm * pl.ldc * 4 && pl.off_col - pl.off_tok >= tok_bytes &&
+             pl.off_tok % 8 == 0 && pl.off_col % 8 == 0 && pl.smem_bytes - pl.off_col >= col_bytes,
+         "%s: shared-memory regions overlap (params %d, w %d, a %d, c %d, tok %d, col %d, end %d)", name.c_str(),
+         pl.off_params, pl.off_w, pl.off_a, pl.off_c, pl.off_tok, pl.off_col, pl.smem_bytes);
   if (pl.partial) {
     const pe::Plan np = pe::make_norm_plan(g, pl);
     EXPECT(np.bm % (32 / np.lanes_per_row) == 0 && np.ldc % 4 == 0 && np.off_c % 128 == 0 &&
-               np.smem_bytes <= 48 * 1024 && np.tiles * np.bm >= g.M && np.splits == pl.splits,
+               np.off_c - np.off_params >= 3 * np.npad * 4 && np.smem_bytes - np.off_c >= np.bm * np.ldc * 4 &&
+               np.smem_bytes <= 48 * 1024 && np.tiles * np.bm >= g.M && np.splits == pl.splits &&
+               np.threads == 32 * np.warps && np.bm == np.warps * (32 / np.lanes_per_row),
            "%s: norm plan bm %d, %d bytes", name.c_str(), np.bm, np.smem_bytes);
   }
   return true;
@@ -205,6 +216,14 @@ static void sweep_plans() {
               if (pl.smem_bytes <= pe::kMaxSmemBytes && !check_plan(g, pl, 1, es, name + " split")) return;
             }
           if (!check_plan(g, pe::make_plan(g, es, 1), 1, es, name + " chosen")) return;
+          // An sm_86 / sm_89 GPU (99 KB per block): the chosen plan fits it.
+          const pe::Plan small = pe::make_plan(g, es, 1, pe::PlanKind::kBest, 99 * 1024);
+          if (small.smem_bytes > 99 * 1024) {
+            ++g_failures;
+            std::printf("  FAIL %s: the plan for 99 KB needs %d bytes\n", name.c_str(), small.smem_bytes);
+            return;
+          }
+          if (!check_plan(g, small, 1, es, name + " chosen for 99 KB")) return;
         }
   if (g_failures == before)
     std::printf("  ok  %d plans (Cout 1..%d, K 1..%lld, 2- and 4-byte elements)\n", plans, pe::kMaxCout,
