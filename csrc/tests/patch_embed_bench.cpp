@@ -4,18 +4,21 @@
 //   patch_embed_bench            median of 50 timed calls per case, inputs rotated past the L2 cache
 //   patch_embed_bench --once     one call of each implementation per case (for ncu / nsys)
 //
-// Prints the time, the bandwidth against the minimum byte count (x once, tokens once, parameters) and
-// the largest difference from the PyTorch result.
+// Prints, for make_plan's plan, the fused plan and the best split plan of each case (forced through
+// PVT_FAST_PATCH_EMBED_PLAN), the time, the bandwidth against the minimum byte count (x once, tokens
+// once, parameters) and the largest difference from the PyTorch result.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <vector>
 
+#include "patch_embed_launch.h"
 #include "patch_embed_op.h"
 
 namespace {
@@ -78,13 +81,31 @@ void run_case(const Case& c, bool once) {
     std::printf("%-34s ran once\n", c.name);
     return;
   }
-  const at::Tensor out = fused(0);
-  const double max_diff = (out.to(at::kFloat) - torch_ref(0).to(at::kFloat)).abs().max().item<double>();
-  const double t_fused = median_us([&](int i) { fused(i); }, 50);
   const double t_torch = median_us([&](int i) { torch_ref(i); }, 50);
-  const double bytes = static_cast<double>(x_bytes + out.numel() * out.element_size() + w.numel() * w.element_size());
-  std::printf("%-34s fused %8.1f us %7.0f GB/s | torch %8.1f us | %5.2fx | min bytes %6.1f MB | max|diff| %.2e\n",
-              c.name, t_fused, bytes / t_fused * 1e-3, t_torch, t_torch / t_fused, bytes * 1e-6, max_diff);
+  namespace pe = pvt_fast::patch_embed;
+  const int64_t strides[4] = {nhwc ? c.H * c.W * c.Cin : c.Cin * c.H * c.W, nhwc ? 1 : c.H * c.W,
+                              nhwc ? c.W * c.Cin : c.W, nhwc ? c.Cin : 1};
+  const pe::Geometry g = pe::make_geometry(c.B, c.Cin, c.H, c.W, c.Cout, c.k, c.s, c.p,
+                                           nhwc ? pe::Layout::kNHWC : pe::Layout::kNCHW, strides);
+  const int es = static_cast<int>(at::elementSize(c.dtype));
+  // The plan make_plan picks, then the fused plan and the best split plan (PVT_FAST_PATCH_EMBED_PLAN).
+  for (const char* kind : {"auto", "fused", "split"}) {
+    setenv("PVT_FAST_PATCH_EMBED_PLAN", kind, 1);
+    const pe::PlanKind k = kind[0] == 'a' ? pe::PlanKind::kBest : kind[0] == 'f' ? pe::PlanKind::kFused
+                                                                                : pe::PlanKind::kSplit;
+    const pe::Plan pl = pe::make_plan(g, es, pe::choose_vec(g, es, 0), k);
+    if (k == pe::PlanKind::kSplit && !pl.partial) continue;  // Cout too narrow for a split plan
+    char plan[64];
+    std::snprintf(plan, sizeof(plan), "%s %dx%d/%d", pl.partial ? "split" : "fused", pl.bm, pl.bn, pl.splits);
+    const at::Tensor out = fused(0);
+    const double max_diff = (out.to(at::kFloat) - torch_ref(0).to(at::kFloat)).abs().max().item<double>();
+    const double t_fused = median_us([&](int i) { fused(i); }, 50);
+    const double bytes =
+        static_cast<double>(x_bytes + out.numel() * out.element_size() + w.numel() * w.element_size());
+    std::printf("%-34s %-5s %-18s %8.1f us %7.0f GB/s | torch %8.1f us | %5.2fx | min bytes %6.1f MB | max|diff| %.2e\n",
+                c.name, kind, plan, t_fused, bytes / t_fused * 1e-3, t_torch, t_torch / t_fused, bytes * 1e-6, max_diff);
+  }
+  unsetenv("PVT_FAST_PATCH_EMBED_PLAN");
 }
 
 }  // namespace
@@ -109,6 +130,10 @@ int main(int argc, char** argv) {
       {"v2 stage 3 k3s2p1 28 b64 bf16", 64, 128, 28, 28, 320, 3, 2, 1, "nhwc", bf16},
       {"v2 stage 4 k3s2p1 14 b64 bf16", 64, 320, 14, 14, 512, 3, 2, 1, "nhwc", bf16},
       {"v1 stage 1 k4s4 1024 b8 bf16", 8, 3, 1024, 1024, 64, 4, 4, 0, "nchw", bf16},
+      {"v2 stage 2 k3s2p1 1024 b1 bf16", 1, 64, 256, 256, 128, 3, 2, 1, "nhwc", bf16},
+      {"v2 stage 3 k3s2p1 1024 b1 bf16", 1, 128, 128, 128, 320, 3, 2, 1, "nhwc", bf16},
+      {"v2 stage 4 k3s2p1 1024 b1 bf16", 1, 320, 64, 64, 512, 3, 2, 1, "nhwc", bf16},
+      {"v2 stage 4 k3s2p1 1024 b1 fp32", 1, 320, 64, 64, 512, 3, 2, 1, "nhwc", fp32},
   };
   for (const Case& c : cases) run_case(c, once);
   return 0;
