@@ -7,6 +7,7 @@ checks the choice and the estimate against the C++ (``patch_embed_host_test --pl
 shape, and the element counts of :func:`counts` against the host test's emulation of both kernels
 (``--traffic``), so the two cannot drift apart unnoticed.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +215,7 @@ def _valid_taps(size, out, k, s, p):
     return sum(sum(1 for kh in range(k) if 0 <= o * s - p + kh < size) for o in range(out))
 
 
+@functools.lru_cache(maxsize=1024)
 def _x_gather_elements(p):
     return p.B * p.cin * _valid_taps(p.H, p.Ho, p.k, p.s, p.p) * _valid_taps(p.W, p.Wo, p.k, p.s, p.p)
 
