@@ -1,18 +1,31 @@
 """Group ``patch-embed``: pvt_v2_b2's overlapping patch embeddings, conv + LayerNorm to (B, N, C) tokens.
 
-Stage 1 reads the image (B, 3, res, res) through a 7x7 stride-4 conv to 64 channels; stage 2 reads stage 1's
-token grid (B, res/4, res/4, 64) through a 3x3 stride-2 conv to 128 channels.
+Stage 1 reads the image (B, 3, res, res) through a 7x7 stride-4 conv to 64 channels; stages 2-4 read the
+previous stage's token grid (B, res/s, res/s, C) through a 3x3 stride-2 conv (64 -> 128, 128 -> 320, 320 -> 512
+channels).
 - ``torch``: the official conv -> flatten/transpose -> LayerNorm (the reference op table);
-- ``fused``: the fused op table.
+- ``fused``: the fused op table; the CUDA kernel's plan (fused, or split: conv tiles then a norm pass, see
+  csrc/patch_embed_core.h) is recorded in extra_info as the traffic model's mirror of make_plan predicts it.
 """
 import pytest
 import torch
 
-from harness import ITEMSIZE, OP_CASES, OP_IMPLS, op_table, random_tensor, require_bytes, run_benchmark
+from harness import DTYPE, ITEMSIZE, OP_CASES, OP_IMPLS, op_table, random_tensor, require_bytes, run_benchmark
 
 EPS = 1e-6
 STAGES = {1: dict(c_in=3, c_out=64, kernel=7, stride=4, in_stride=1, layout="nchw"),
-          2: dict(c_in=64, c_out=128, kernel=3, stride=2, in_stride=4, layout="nhwc")}
+          2: dict(c_in=64, c_out=128, kernel=3, stride=2, in_stride=4, layout="nhwc"),
+          3: dict(c_in=128, c_out=320, kernel=3, stride=2, in_stride=8, layout="nhwc"),
+          4: dict(c_in=320, c_out=512, kernel=3, stride=2, in_stride=16, layout="nhwc")}
+
+
+def _plan(batch, side, cfg):
+    from pvt_fast.kernels import patch_embed_cuda as pe
+
+    k = cfg["kernel"]
+    pl = pe.plan(pe.Problem(batch, cfg["c_in"], side, side, cfg["c_out"], k, cfg["stride"], k // 2, cfg["layout"],
+                            DTYPE))
+    return f"{'split' if pl.partial else 'fused'} {pl.bm}x{pl.bn}/{pl.splits}"
 
 
 @pytest.mark.benchmark(group="patch-embed")
@@ -38,6 +51,7 @@ def test_patch_embed(benchmark, impl, stage, resolution, batch):
         return ops.patch_embed(x, weight, bias, norm_w, norm_b, EPS, stride, k // 2, cfg["layout"])
 
     with torch.no_grad():
+        info = {"plan": _plan(batch, side, cfg)} if impl == "fused" else {}
         run_benchmark(benchmark, embed, lambda: (random_tensor(*shape),), impl=impl, resolution=resolution,
                       batch=batch, stage=stage, flops=2 * batch * out_side * out_side * c_out * c_in * k * k,
-                      moved_bytes=in_bytes + out_bytes)
+                      moved_bytes=in_bytes + out_bytes, **info)
