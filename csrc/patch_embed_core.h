@@ -198,16 +198,20 @@ inline void set_k_chunks(Plan& pl, const Geometry& g, int bk, int elem_size) {
 
 inline int lanes_for(int npad) { return pow2_floor(npad / 8 < 32 ? npad / 8 : 32); }
 
+// Warps of the fused plan: 8 up to 128 channels, else 16 (the C tile's width needs the warps); make_plan
+// also weighs 16 warps for narrow Cout, which doubles bm and halves the weight's re-reads.
+inline int default_fused_warps(int npad) { return npad <= 128 ? 8 : 16; }
+
 // Requires 1 <= Cout <= kMaxCout (checked at the op boundary). `max_smem` lowers the budgets below for
 // GPUs with less shared memory per block (the plan may still exceed it for wide Cout: make_plan then
-// takes a split plan).
-inline Plan make_fused_plan(const Geometry& g, int elem_size, int vec, int max_smem = kMaxSmemBytes) {
+// takes a split plan). `warps`: 0 for default_fused_warps, else 8 or 16 (at least the default).
+inline Plan make_fused_plan(const Geometry& g, int elem_size, int vec, int max_smem = kMaxSmemBytes, int warps = 0) {
   const int resident_budget = kResidentSmemBytes < max_smem ? kResidentSmemBytes : max_smem;
   const int streamed_budget = kMaxSmemBytes < max_smem ? kMaxSmemBytes : max_smem;
   Plan pl{};
   pl.npad = pl.bn = round_up(static_cast<int>(g.Cout), 16);
   const int col_tiles = pl.npad / 16;
-  pl.warps = pl.npad <= 128 ? 8 : 16;
+  pl.warps = warps != 0 ? warps : default_fused_warps(pl.npad);
   pl.threads = 32 * pl.warps;
   pl.warps_n = pow2_ceil((col_tiles + kMaxFragmentsPerWarp - 1) / kMaxFragmentsPerWarp);
   pl.warps_m = pl.warps / pl.warps_n;
@@ -342,17 +346,29 @@ inline double plan_seconds(const Geometry& g, const Plan& pl, int elem_size, int
 // tests on a GPU can run both kernels on the same problem.
 enum class PlanKind : int { kBest = 0, kFused = 1, kSplit = 2 };
 
-// The plan of `kind` predicted fastest, over the fused plan and the split plans of kSplitShapes x
-// kSplitCounts whose shared memory fits `max_smem` (the device's opt-in limit: 99 KB on sm_86 / sm_89);
-// ties keep the earlier candidate, the fused plan first. The fused plan when nothing fits (every Cout has a
-// split plan under 60 KB, so only a limit below that, or kind kFused, gets there).
+// The plan of `kind` predicted fastest, over the fused plans (default warps, then 16 warps where that
+// differs) and the split plans of kSplitShapes x kSplitCounts whose shared memory fits `max_smem` (the
+// device's opt-in limit: 99 KB on sm_86 / sm_89); ties keep the earlier candidate. The default fused plan
+// when nothing fits (every Cout has a split plan under 60 KB, so only a limit below that, or a narrow
+// Cout under kind kSplit, gets there).
 inline Plan make_plan(const Geometry& g, int elem_size, int vec, PlanKind kind = PlanKind::kBest,
                       int max_smem = kMaxSmemBytes) {
   Plan best = make_fused_plan(g, elem_size, vec, max_smem);
-  if (kind == PlanKind::kFused) return best;
   const int64_t x_elements = x_gather_elements(g);
   double best_seconds = 1e300;
-  if (kind == PlanKind::kBest && best.smem_bytes <= max_smem) best_seconds = plan_seconds(g, best, elem_size, x_elements);
+  if (kind != PlanKind::kSplit) {
+    const bool wide_too = default_fused_warps(best.npad) < 16;
+    const Plan fused[2] = {best, wide_too ? make_fused_plan(g, elem_size, vec, max_smem, 16) : best};
+    for (int i = 0; i < (wide_too ? 2 : 1); ++i) {
+      if (fused[i].smem_bytes > max_smem || fused[i].smem_bytes > kMaxSmemBytes) continue;
+      const double seconds = plan_seconds(g, fused[i], elem_size, x_elements);
+      if (seconds < best_seconds) {
+        best = fused[i];
+        best_seconds = seconds;
+      }
+    }
+  }
+  if (kind == PlanKind::kFused) return best;
   for (const SplitShape& shape : kSplitShapes) {
     if (shape.bn > best.npad) continue;
     int last_splits = 0;

@@ -150,11 +150,15 @@ def choose_vec(p):
     return v if p.cin % v == 0 else 1
 
 
-def fused_plan(p):
-    """``make_fused_plan`` for problem ``p`` with contiguous tensors."""
+def _default_fused_warps(npad):
+    return 8 if npad <= 128 else 16
+
+
+def fused_plan(p, warps=None):
+    """``make_fused_plan`` for problem ``p`` with contiguous tensors (``warps`` None: the default)."""
     elem = p.elem
     npad = _round_up(p.cout, 16)
-    warps = 8 if npad <= 128 else 16
+    warps = _default_fused_warps(npad) if warps is None else warps
     warps_n = _pow2_ceil(cdiv(npad // 16, MAX_FRAGMENTS_PER_WARP))
     warps_m = warps // warps_n
     bm = 16 * warps_m
@@ -242,9 +246,19 @@ def estimated_seconds(p, pl):
     return t
 
 
-def candidates(p):
-    """Every plan ``make_plan`` weighs, in its order: the fused plan, then each split shape's distinct splits."""
+def _fused_candidates(p):
     out = [fused_plan(p)]
+    if _default_fused_warps(out[0].npad) < 16:
+        wide = fused_plan(p, 16)
+        if wide.smem_bytes <= MAX_SMEM_BYTES:
+            out.append(wide)
+    return out
+
+
+def candidates(p):
+    """Every plan ``make_plan`` weighs, in its order: the fused plan, the 16-warp fused plan where the default
+    has 8 warps, then each split shape's distinct splits."""
+    out = _fused_candidates(p)
     npad = _round_up(p.cout, 16)
     for shape in SPLIT_SHAPES:
         if shape[2] > npad:
@@ -262,14 +276,14 @@ def candidates(p):
 def plan(p, kind="auto"):
     """``make_plan`` for problem ``p`` with contiguous tensors: the candidate of least estimated time, the
     earlier on ties; ``kind`` "fused" or "split" restricts the candidates as ``PVT_FAST_PATCH_EMBED_PLAN``
-    does (the fused plan when no split shape fits Cout)."""
+    does (the default fused plan when no split shape fits Cout)."""
     if kind not in ("auto", "fused", "split"):
         raise ValueError(f'kind must be "auto", "fused" or "split", got {kind!r}')
     options = candidates(p)
-    if kind == "fused" or (kind == "split" and len(options) == 1):
+    fused = len(_fused_candidates(p))
+    if kind == "split" and len(options) == fused:
         return options[0]
-    if kind == "split":
-        options = options[1:]
+    options = options[:fused] if kind == "fused" else options[fused:] if kind == "split" else options
     return min(options, key=lambda pl: estimated_seconds(p, pl))
 
 

@@ -208,6 +208,8 @@ static void sweep_plans() {
           const std::string name = "sweep Cout " + std::to_string(cout) + " K " + std::to_string(g.K);
           ++plans;
           if (!check_plan(g, pe::make_fused_plan(g, es, 1), 1, es, name)) return;
+          const pe::Plan wide = pe::make_fused_plan(g, es, 1, pe::kMaxSmemBytes, 16);  // make_plan skips it if too big
+          if (wide.smem_bytes <= pe::kMaxSmemBytes && !check_plan(g, wide, 1, es, name + " 16 warps")) return;
           for (const pe::SplitShape& shape : pe::kSplitShapes)
             for (int want : pe::kSplitCounts) {
               if (shape.bn > (cout + 15) / 16 * 16) continue;
@@ -289,13 +291,16 @@ static void emulate_epilogue(const pe::Geometry& g, const pe::Plan& pl, const fl
       }
 }
 
+static int round_up_16(int64_t v) { return static_cast<int>((v + 15) / 16 * 16); }
+
 // Which plan a run uses: make_plan's, the fused plan, or the split plan of `shape` with about `splits` splits.
 struct PlanChoice {
-  enum Kind { kChosen, kFused, kSplit } kind = kChosen;
+  enum Kind { kChosen, kFused, kFused16, kSplit } kind = kChosen;
   pe::SplitShape shape{};
   int splits = 1;
   pe::Plan make(const pe::Geometry& g, int es, int vec) const {
     if (kind == kFused) return pe::make_fused_plan(g, es, vec);
+    if (kind == kFused16) return pe::make_fused_plan(g, es, vec, pe::kMaxSmemBytes, 16);
     if (kind == kSplit) return pe::make_split_plan(g, es, vec, shape, splits);
     return pe::make_plan(g, es, vec);
   }
@@ -451,7 +456,8 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed, 
   }
   if (traffic != nullptr) *traffic = counted;
   std::printf("  ok  %-52s %-6s M=%-5lld K=%-5lld bm=%-3d bn=%-4d bk=%-3d chunks=%-3d splits=%d vec=%d max|err|=%.2e\n",
-              pr.name, choice.kind == PlanChoice::kChosen ? "chosen" : choice.kind == PlanChoice::kFused ? "fused" : "split",
+              pr.name, choice.kind == PlanChoice::kChosen ? "chosen" : choice.kind == PlanChoice::kFused ? "fused"
+                       : choice.kind == PlanChoice::kFused16 ? "fused16" : "split",
               (long long)g.M, (long long)g.K, pl.bm, pl.bn, pl.bk, pl.chunks, pl.splits, V, max_err);
   return true;
 }
@@ -581,14 +587,20 @@ int main(int argc, char** argv) {
   int total = 1;
   std::printf("plans\n");
   sweep_plans();
-  // Each problem with the fused plan, then with make_plan's choice where that differs.
+  // Each problem with the fused plan, with 16 warps where the default has 8 (bm doubled), and with
+  // make_plan's choice where that is a split plan.
   auto runs = [&](const Problem& pr, int es, auto&& run) {
     const int64_t unit[4] = {1, 1, 1, 1};
     const pe::Geometry g = pe::make_geometry(pr.B, pr.Cin, pr.H, pr.W, pr.Cout, pr.k, pr.s, pr.p, pr.layout, unit);
-    PlanChoice fused;
-    fused.kind = PlanChoice::kFused;
+    PlanChoice choice;
+    choice.kind = PlanChoice::kFused;
     ++total;
-    run(fused);
+    run(choice);
+    if (pe::default_fused_warps(round_up_16(pr.Cout)) < 16) {
+      choice.kind = PlanChoice::kFused16;
+      ++total;
+      run(choice);
+    }
     if (pe::make_plan(g, es, pr.expect_vec).partial) {
       ++total;
       run(PlanChoice{});
