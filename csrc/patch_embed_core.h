@@ -15,11 +15,11 @@
 //   A[m, kk] = x[b, ci, ho*s - p + kh, wo*s - p + kw], zero outside the image (padding).
 // With a fused plan a block owns bm consecutive tokens and all npad channels (LayerNorm needs the whole
 // row); with a split plan it owns bm tokens x bn channels and a range of K, and a second kernel finishes
-// the rows (see Plan). Either walks K in chunks of bk columns: per chunk it writes a column table (x offsets of each kk), gathers the A tile
-// (bm x bk) and the weight tile (npad x bk) into shared memory and multiplies them into the fp32 tile C
-// (bm x npad). The weight is read from a packed copy the op makes once per call: (Cout, kpad) in x's
-// dtype, row n holding weight[n, tap(kk)] in kk order, zero past K (packed_pitch), so a weight tile is
-// 16-byte loads of contiguous rows whatever the weight's layout or dtype. When the whole K fits
+// the rows (see Plan). Either walks K in chunks of bk columns: per chunk it writes a column table (x
+// offsets of each kk), gathers the A tile (bm x bk) and the weight tile (bn x bk) into shared memory and
+// multiplies them into the fp32 tile C (bm x bn). The weight is read from a packed copy the op makes once
+// per call: (Cout, kpad) in x's dtype, row n holding weight[n, tap(kk)] in kk order, zero past K
+// (packed_pitch), so a weight tile is 16-byte loads of contiguous rows whatever the weight's layout or dtype. When the whole K fits
 // ("resident" plan, one chunk), the weight tile is loaded once per block and the block loops over tiles.
 // The epilogue adds the bias, normalizes each row in fp32 (two-pass mean and variance) and stores it in
 // x's dtype (a split plan's tiles store their fp32 sums instead, and the norm pass runs this epilogue).
@@ -222,7 +222,7 @@ inline Plan make_fused_plan(const Geometry& g, int elem_size, int vec, int max_s
   pl.row_tiles = pl.tiles = ceil_div(g.M, pl.bm);
   pl.col_blocks = pl.splits = 1;
   // The whole K in one chunk when its tiles fit (checked in 64 bits first: K may be large).
-  const int64_t whole_k = (g.K + 15) / 16 * 16;
+  const int64_t whole_k = packed_pitch(g);
   const bool may_fit = whole_k * (pl.npad + pl.bm) * elem_size <= resident_budget;
   set_k_chunks(pl, g, may_fit ? static_cast<int>(whole_k) : kStreamedChunk, elem_size);
   carve_smem(pl, elem_size);
@@ -259,7 +259,7 @@ inline Plan make_split_plan(const Geometry& g, int elem_size, int vec, const Spl
   pl.vec = vec;
   pl.lanes_per_row = lanes_for(pl.npad);
   pl.ldc = pl.bn + 4;
-  const int64_t whole_k = (g.K + 15) / 16 * 16;
+  const int64_t whole_k = packed_pitch(g);
   set_k_chunks(pl, g, whole_k < kStreamedChunk ? static_cast<int>(whole_k) : kStreamedChunk, elem_size);
   pl.chunks_per_split = static_cast<int>(ceil_div(pl.chunks, want));
   pl.splits = static_cast<int>(ceil_div(pl.chunks, pl.chunks_per_split));
@@ -333,9 +333,10 @@ inline double plan_seconds(const Geometry& g, const Plan& pl, int elem_size, int
   const double hbm = static_cast<double>(g.B * g.Cin * g.H * g.W) * e + weight + written;
   const double flops = 2.0 * static_cast<double>(pl.row_tiles) * pl.col_blocks * pl.bm * pl.bn *
                        static_cast<double>(pl.chunks) * pl.bk;
+  const double compute = flops / (elem_size == 4 ? kPeakFp32 : kPeak16Bit);
   double t = hbm / kHbmBandwidth;
   if (l2 / kL2Bandwidth > t) t = l2 / kL2Bandwidth;
-  if (flops / (elem_size == 4 ? kPeakFp32 : kPeak16Bit) > t) t = flops / (elem_size == 4 ? kPeakFp32 : kPeak16Bit);
+  if (compute > t) t = compute;
   if (grid < kSms) t *= static_cast<double>(kSms) / static_cast<double>(grid);
   if (pl.partial) t += (written + tokens) / kHbmBandwidth;
   return t;
@@ -355,18 +356,20 @@ inline Plan make_plan(const Geometry& g, int elem_size, int vec, PlanKind kind =
                       int max_smem = kMaxSmemBytes) {
   Plan best = make_fused_plan(g, elem_size, vec, max_smem);
   const int64_t x_elements = x_gather_elements(g);
+  const int smem_limit = max_smem < kMaxSmemBytes ? max_smem : kMaxSmemBytes;
   double best_seconds = 1e300;
-  if (kind != PlanKind::kSplit) {
-    const bool wide_too = default_fused_warps(best.npad) < 16;
-    const Plan fused[2] = {best, wide_too ? make_fused_plan(g, elem_size, vec, max_smem, 16) : best};
-    for (int i = 0; i < (wide_too ? 2 : 1); ++i) {
-      if (fused[i].smem_bytes > max_smem || fused[i].smem_bytes > kMaxSmemBytes) continue;
-      const double seconds = plan_seconds(g, fused[i], elem_size, x_elements);
-      if (seconds < best_seconds) {
-        best = fused[i];
-        best_seconds = seconds;
-      }
+  auto consider = [&](const Plan& pl) {
+    if (pl.smem_bytes > smem_limit) return;
+    const double seconds = plan_seconds(g, pl, elem_size, x_elements);
+    if (seconds < best_seconds) {
+      best = pl;
+      best_seconds = seconds;
     }
+  };
+  if (kind != PlanKind::kSplit) {
+    const Plan fused = best;
+    consider(fused);
+    if (default_fused_warps(fused.npad) < 16) consider(make_fused_plan(g, elem_size, vec, max_smem, 16));
   }
   if (kind == PlanKind::kFused) return best;
   for (const SplitShape& shape : kSplitShapes) {
@@ -374,13 +377,9 @@ inline Plan make_plan(const Geometry& g, int elem_size, int vec, PlanKind kind =
     int last_splits = 0;
     for (int want : kSplitCounts) {
       const Plan pl = make_split_plan(g, elem_size, vec, shape, want);
-      if (pl.splits == last_splits || pl.smem_bytes > kMaxSmemBytes || pl.smem_bytes > max_smem) continue;
+      if (pl.splits == last_splits) continue;
       last_splits = pl.splits;
-      const double seconds = plan_seconds(g, pl, elem_size, x_elements);
-      if (seconds < best_seconds) {
-        best = pl;
-        best_seconds = seconds;
-      }
+      consider(pl);
     }
   }
   return best;

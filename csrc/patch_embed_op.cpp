@@ -113,11 +113,16 @@ void apply_plan_env(const Geometry& g, LaunchArgs& a) {
   TORCH_CHECK_VALUE(std::sscanf(v.c_str(), "split:%d:%d:%d:%d%c", &w, &bm, &bn, &splits, &tail) == 4, expected,
                     ", got \"", v, "\"");
   bool known = false;
-  for (const SplitShape& shape : kSplitShapes) known |= shape.warps == w && shape.bm == bm && shape.bn == bn;
+  std::string shapes;
+  for (const SplitShape& shape : kSplitShapes) {
+    known |= shape.warps == w && shape.bm == bm && shape.bn == bn;
+    shapes += (shapes.empty() ? "" : ", ") + std::to_string(shape.warps) + ":" + std::to_string(shape.bm) + ":" +
+              std::to_string(shape.bn);
+  }
   const int npad = round_up(static_cast<int>(g.Cout), 16);
   TORCH_CHECK_VALUE(known && splits >= 1 && bn <= npad, "PVT_FAST_PATCH_EMBED_PLAN \"", v,
-                    "\" names no split plan for Cout ", g.Cout, ": W:BM:BN must be one of 4:64:64, 8:128:64, "
-                    "8:64:128, 16:128:128, 16:64:256 with BN <= ", npad, ", and S >= 1");
+                    "\" names no split plan for Cout ", g.Cout, ": W:BM:BN must be one of ", shapes, " with BN <= ",
+                    npad, ", and S >= 1");
   a.split_shape = SplitShape{w, bm, bn};
   a.split_count = splits;
 }

@@ -102,8 +102,9 @@ void run_case(const Case& c, bool once) {
     const double t_fused = median_us([&](int i) { fused(i); }, 50);
     const double bytes =
         static_cast<double>(x_bytes + out.numel() * out.element_size() + w.numel() * w.element_size());
-    std::printf("%-34s %-5s %-18s %8.1f us %7.0f GB/s | torch %8.1f us | %5.2fx | min bytes %6.1f MB | max|diff| %.2e\n",
-                c.name, kind, plan, t_fused, bytes / t_fused * 1e-3, t_torch, t_torch / t_fused, bytes * 1e-6, max_diff);
+    std::printf("%-34s %-5s %-18s %8.1f us %7.0f GB/s | torch %8.1f us | %5.2fx | min bytes %6.1f MB | "
+                "max|diff| %.2e\n", c.name, kind, plan, t_fused, bytes / t_fused * 1e-3, t_torch, t_torch / t_fused,
+                bytes * 1e-6, max_diff);
   }
   unsetenv("PVT_FAST_PATCH_EMBED_PLAN");
 }

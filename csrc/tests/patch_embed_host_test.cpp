@@ -462,6 +462,18 @@ static bool run_problem(const Problem& pr, int grid, double tol, uint32_t seed, 
   return true;
 }
 
+// run_problem with x stored as fp32 (elem 4, tolerance 1e-4) or bf16 (elem 2: outputs are rounded to 8
+// significant bits, half an ulp is 2^-9 relative: tolerance 2^-8), at the problem's expected vector width.
+static bool run_stored(const Problem& pr, int elem, int grid, uint32_t seed, Traffic* traffic,
+                       const PlanChoice& choice) {
+  if (elem == 4)
+    return pr.expect_vec == 4 ? run_problem<float, 4>(pr, grid, 1e-4, seed, traffic, choice)
+                              : run_problem<float, 1>(pr, grid, 1e-4, seed, traffic, choice);
+  if (pr.expect_vec == 8) return run_problem<HostBf16, 8>(pr, grid, 1.0 / 256, seed, traffic, choice);
+  if (pr.expect_vec == 4) return run_problem<HostBf16, 4>(pr, grid, 1.0 / 256, seed, traffic, choice);
+  return run_problem<HostBf16, 1>(pr, grid, 1.0 / 256, seed, traffic, choice);
+}
+
 static void print_plan(const pe::Geometry& g, const pe::Plan& pl, int elem) {
   const pe::Plan np = pl.partial ? pe::make_norm_plan(g, pl) : pl;
   std::printf("\"bm\": %d, \"bn\": %d, \"npad\": %d, \"bk\": %d, \"chunks\": %d, \"chunks_per_split\": %d, "
@@ -492,7 +504,9 @@ static int plan_mode(int argc, char** argv) {
   const pe::Geometry g = contiguous_geometry(v, layout);
   std::printf("{");
   const std::string kind = argc == 11 ? argv[10] : "auto";
-  const pe::PlanKind k = kind == "fused" ? pe::PlanKind::kFused : kind == "split" ? pe::PlanKind::kSplit : pe::PlanKind::kBest;
+  const pe::PlanKind k = kind == "fused"   ? pe::PlanKind::kFused
+                         : kind == "split" ? pe::PlanKind::kSplit
+                                           : pe::PlanKind::kBest;
   print_plan(g, pe::make_plan(g, elem, pe::choose_vec(g, elem, 0), k), elem);
   std::printf("}\n");
   return EXIT_SUCCESS;
@@ -516,14 +530,7 @@ static int traffic_mode(int argc, char** argv) {
     choice.splits = std::atoi(argv[14]);
   }
   Traffic t;
-  bool ok = false;
-  if (elem == 4)
-    ok = vec == 4 ? run_problem<float, 4>(pr, blocks, 1e-4, 7, &t, choice)
-                  : run_problem<float, 1>(pr, blocks, 1e-4, 7, &t, choice);
-  else
-    ok = vec == 8   ? run_problem<HostBf16, 8>(pr, blocks, 1.0 / 256, 7, &t, choice)
-         : vec == 4 ? run_problem<HostBf16, 4>(pr, blocks, 1.0 / 256, 7, &t, choice)
-                    : run_problem<HostBf16, 1>(pr, blocks, 1.0 / 256, 7, &t, choice);
+  const bool ok = run_stored(pr, elem, blocks, 7, &t, choice);
   const pe::Plan pl = choice.make(g, elem, vec);
   std::printf("{\"x\": %lld, \"weight\": %lld, \"out\": %lld, \"workspace_stored\": %lld, "
               "\"workspace_loaded\": %lld, ",
@@ -589,59 +596,36 @@ int main(int argc, char** argv) {
   sweep_plans();
   // Each problem with the fused plan, with 16 warps where the default has 8 (bm doubled), and with
   // make_plan's choice where that is a split plan.
-  auto runs = [&](const Problem& pr, int es, auto&& run) {
+  auto runs = [&](const Problem& pr, int elem, int grid, uint32_t seed_base) {
     const int64_t unit[4] = {1, 1, 1, 1};
     const pe::Geometry g = pe::make_geometry(pr.B, pr.Cin, pr.H, pr.W, pr.Cout, pr.k, pr.s, pr.p, pr.layout, unit);
     PlanChoice choice;
     choice.kind = PlanChoice::kFused;
     ++total;
-    run(choice);
+    run_stored(pr, elem, grid, seed_base + total, nullptr, choice);
     if (pe::default_fused_warps(round_up_16(pr.Cout)) < 16) {
       choice.kind = PlanChoice::kFused16;
       ++total;
-      run(choice);
+      run_stored(pr, elem, grid, seed_base + total, nullptr, choice);
     }
-    if (pe::make_plan(g, es, pr.expect_vec).partial) {
+    if (pe::make_plan(g, elem, pr.expect_vec).partial) {
       ++total;
-      run(PlanChoice{});
+      run_stored(pr, elem, grid, seed_base + total, nullptr, PlanChoice{});
     }
   };
   std::printf("fp32 storage (tolerance 1e-4)\n");
-  for (const Problem& pr : fp32_cases)
-    runs(pr, 4, [&](const PlanChoice& c) {
-      if (pr.expect_vec == 4)
-        run_problem<float, 4>(pr, 3, 1e-4, 1234 + total, nullptr, c);
-      else
-        run_problem<float, 1>(pr, 3, 1e-4, 1234 + total, nullptr, c);
-    });
-  // bf16 outputs are rounded to 8 significant bits: half an ulp is 2^-9 relative.
+  for (const Problem& pr : fp32_cases) runs(pr, 4, 3, 1234);
   std::printf("bf16 storage (tolerance 2^-8)\n");
-  for (const Problem& pr : bf16_cases)
-    runs(pr, 2, [&](const PlanChoice& c) {
-      if (pr.expect_vec == 8)
-        run_problem<HostBf16, 8>(pr, 2, 1.0 / 256, 99 + total, nullptr, c);
-      else if (pr.expect_vec == 4)
-        run_problem<HostBf16, 4>(pr, 2, 1.0 / 256, 99 + total, nullptr, c);
-      else
-        run_problem<HostBf16, 1>(pr, 2, 1.0 / 256, 99 + total, nullptr, c);
-    });
+  for (const Problem& pr : bf16_cases) runs(pr, 2, 2, 99);
   std::printf("split plans, fp32 storage (tolerance 1e-4)\n");
   for (const SplitCase& sc : split_cases) {
     ++total;
-    const PlanChoice c{PlanChoice::kSplit, sc.shape, sc.splits};
-    if (sc.pr.expect_vec == 4)
-      run_problem<float, 4>(sc.pr, 3, 1e-4, 555 + total, nullptr, c);
-    else
-      run_problem<float, 1>(sc.pr, 3, 1e-4, 555 + total, nullptr, c);
+    run_stored(sc.pr, 4, 3, 555 + total, nullptr, PlanChoice{PlanChoice::kSplit, sc.shape, sc.splits});
   }
   std::printf("split plans, bf16 storage (tolerance 2^-8)\n");
   for (const SplitCase& sc : bf16_split_cases) {
     ++total;
-    const PlanChoice c{PlanChoice::kSplit, sc.shape, sc.splits};
-    if (sc.pr.expect_vec == 8)
-      run_problem<HostBf16, 8>(sc.pr, 2, 1.0 / 256, 777 + total, nullptr, c);
-    else
-      run_problem<HostBf16, 4>(sc.pr, 2, 1.0 / 256, 777 + total, nullptr, c);
+    run_stored(sc.pr, 2, 2, 777 + total, nullptr, PlanChoice{PlanChoice::kSplit, sc.shape, sc.splits});
   }
   std::printf("%d of %d problems passed\n", total - g_failures, total);
   return g_failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
