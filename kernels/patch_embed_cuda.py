@@ -162,7 +162,7 @@ def fused_plan(p, warps=None):
     warps_n = _pow2_ceil(cdiv(npad // 16, MAX_FRAGMENTS_PER_WARP))
     warps_m = warps // warps_n
     bm = 16 * warps_m
-    whole_k = _round_up(p.K, 16)
+    whole_k = packed_pitch(p)
     bk = whole_k if whole_k * (npad + bm) * elem <= RESIDENT_SMEM_BYTES else STREAMED_CHUNK
     smem = _smem_bytes(npad, bm, npad, bk, elem, False)
     candidate = STREAMED_CHUNK
@@ -184,7 +184,7 @@ def split_plan(p, shape, want):
     elem = p.elem
     npad = _round_up(p.cout, 16)
     warps_n = cdiv(bn // 16, MAX_FRAGMENTS_PER_WARP)
-    bk = min(_round_up(p.K, 16), STREAMED_CHUNK)
+    bk = min(packed_pitch(p), STREAMED_CHUNK)
     chunks = cdiv(p.K, bk)
     per_split = cdiv(chunks, want)
     return Plan(warps, warps // warps_n, warps_n, bm, bn, npad, bk, chunks, per_split, cdiv(chunks, per_split),
@@ -201,6 +201,11 @@ def norm_plan(p, pl):
 
 def _resident(pl):
     return not pl.partial and pl.chunks == 1
+
+
+def norm_grid(p, pl):
+    """Blocks of the norm pass: its tiles, or at least 4 blocks per SM (its launch bounds) on every SM."""
+    return min(norm_plan(p, pl).tiles, SMS * _NORM_BLOCKS_PER_SM)
 
 
 def grid(pl):
@@ -255,10 +260,8 @@ def _fused_candidates(p):
     return out
 
 
-def candidates(p):
-    """Every plan ``make_plan`` weighs, in its order: the fused plan, the 16-warp fused plan where the default
-    has 8 warps, then each split shape's distinct splits."""
-    out = _fused_candidates(p)
+def _split_candidates(p):
+    out = []
     npad = _round_up(p.cout, 16)
     for shape in SPLIT_SHAPES:
         if shape[2] > npad:
@@ -273,17 +276,22 @@ def candidates(p):
     return out
 
 
+def candidates(p):
+    """Every plan ``make_plan`` weighs, in its order: the fused plan, the 16-warp fused plan where the default
+    has 8 warps, then each split shape's distinct splits."""
+    return _fused_candidates(p) + _split_candidates(p)
+
+
 def plan(p, kind="auto"):
     """``make_plan`` for problem ``p`` with contiguous tensors: the candidate of least estimated time, the
     earlier on ties; ``kind`` "fused" or "split" restricts the candidates as ``PVT_FAST_PATCH_EMBED_PLAN``
     does (the default fused plan when no split shape fits Cout)."""
     if kind not in ("auto", "fused", "split"):
         raise ValueError(f'kind must be "auto", "fused" or "split", got {kind!r}')
-    options = candidates(p)
-    fused = len(_fused_candidates(p))
-    if kind == "split" and len(options) == fused:
-        return options[0]
-    options = options[:fused] if kind == "fused" else options[fused:] if kind == "split" else options
+    fused, split = _fused_candidates(p), _split_candidates(p)
+    if kind == "split" and not split:
+        return fused[0]
+    options = fused if kind == "fused" else split if kind == "split" else fused + split
     return min(options, key=lambda pl: estimated_seconds(p, pl))
 
 
@@ -298,8 +306,7 @@ def counts(p, blocks=None, pl=None):
     weight_reads = conv_blocks if _resident(pl) else pl.row_tiles
     workspace = pl.splits * p.M * pl.npad if pl.partial else 0
     if pl.partial:
-        norm = norm_plan(p, pl)
-        param_blocks = min(norm.tiles, SMS * _NORM_BLOCKS_PER_SM) if blocks is None else min(blocks, norm.tiles)
+        param_blocks = norm_grid(p, pl) if blocks is None else min(blocks, norm_plan(p, pl).tiles)
     else:
         param_blocks = conv_blocks
     return {"x": _x_gather_elements(p) * pl.col_blocks, "weight": weight_reads * p.cout * packed_pitch(p),
@@ -327,10 +334,9 @@ def forward_cost(p, pl=None):
     peak = "fp32" if p.dtype == torch.float32 else "16-bit"
     flops = pl.row_tiles * pl.col_blocks * 2 * pl.bm * pl.bn * pl.chunks * pl.bk
     if pl.partial:
-        norm = norm_plan(p, pl)
         launches.append(Launch("patch_embed conv tiles (CUDA)", grid(pl),
                                accesses + (Access("workspace", workspace, stored=workspace),), flops=flops, peak=peak))
-        launches.append(Launch("patch_embed norm pass (CUDA)", min(norm.tiles, SMS * _NORM_BLOCKS_PER_SM), (
+        launches.append(Launch("patch_embed norm pass (CUDA)", norm_grid(p, pl), (
             Access("workspace", workspace, loaded=workspace), params, Access("out", out_bytes, stored=out_bytes))))
     else:
         launches.append(Launch("patch_embed (CUDA)", grid(pl), accesses + (

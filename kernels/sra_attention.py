@@ -556,6 +556,26 @@ class Problem:
     def elem(self):
         return torch.empty((), dtype=self.dtype).element_size()
 
+    @property
+    def q_bytes(self):
+        """Bytes of q (and of o, dO, dq): (B, N, C)."""
+        return self.B * self.N * self.C * self.elem
+
+    @property
+    def kv_bytes(self):
+        """Bytes of kv (and of dkv): (B, M, 2C)."""
+        return self.B * self.M * 2 * self.C * self.elem
+
+    @property
+    def rows_f32(self):
+        """Bytes of lse (and of delta): (B, heads, N) fp32."""
+        return 4 * self.B * self.heads * self.N
+
+    @property
+    def head_kv(self):
+        """Bytes of K and V of one (b, h): what a program walking all keys of its head reads."""
+        return 2 * self.M * self.head_dim * self.elem
+
 
 @dataclass(frozen=True)
 class BackwardPlan:
@@ -771,15 +791,12 @@ def _peak(dot):
 
 
 def _forward_launch(p, cfg, grid):
-    e, d, bh = p.elem, p.head_dim, p.B * p.heads
-    q_bytes, kv_bytes = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e
-    head_kv = 2 * p.M * d * e  # K and V of one (b, h), read in full by each of its query blocks
     programs = grid[0] * grid[1]
     return Launch("sra_attention_fwd", programs, (
-        Access("q", q_bytes, loaded=q_bytes),
-        Access("kv", kv_bytes, loaded=programs * head_kv, reuse_set=reuse_set(head_kv, grid[0])),
-        Access("o", q_bytes, stored=q_bytes),
-        Access("lse", 4 * bh * p.N, stored=4 * bh * p.N),
+        Access("q", p.q_bytes, loaded=p.q_bytes),
+        Access("kv", p.kv_bytes, loaded=programs * p.head_kv, reuse_set=reuse_set(p.head_kv, grid[0])),
+        Access("o", p.q_bytes, stored=p.q_bytes),
+        Access("lse", p.rows_f32, stored=p.rows_f32),
     ), flops=programs * triton.cdiv(p.M, cfg.block_m) * 4 * cfg.block_n * cfg.block_m * p.block_d,
         peak=_peak(p.dot))
 
@@ -787,49 +804,48 @@ def _forward_launch(p, cfg, grid):
 def forward_cost(p, num_sms=SMS):
     """The forward's launches as :mod:`pvt_fast.kernels.traffic` counts them (see the module docstring)."""
     launch = _forward_launch(p, *forward_plan(p, num_sms))
-    e, bh = p.elem, p.B * p.heads
-    q_bytes, kv_bytes = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e
-    return OpCost((launch,), 2 * q_bytes + kv_bytes + 4 * bh * p.N, 4 * p.B * p.N * p.M * p.C)
+    return OpCost((launch,), 2 * p.q_bytes + p.kv_bytes + p.rows_f32, 4 * p.B * p.N * p.M * p.C)
+
+
+def _split_ranges(p, cfg, rows_per_split, splits):
+    """(query blocks over all ranges, the dK/dV output access) of a kernel summing dK/dV over ``splits`` query
+    ranges: dkv itself when unsplit, else fp32 partial sums, one (B, M, 2C) per range."""
+    split_rows = [min(rows_per_split, p.N - s * rows_per_split) for s in range(splits)]
+    out = p.kv_bytes if splits == 1 else splits * p.kv_bytes // p.elem * 4
+    return (sum(triton.cdiv(r, cfg.block_n) for r in split_rows),
+            Access("dkv" if splits == 1 else "dkv_partial", out, stored=out))
 
 
 def _dkdv_launches(p, cfg, m_blocks, rows_per_split, splits):
     """The dK/dV kernel over ``splits`` query ranges of ``rows_per_split`` rows, and the split sum if any."""
-    e, d, bh = p.elem, p.head_dim, p.B * p.heads
-    q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
-    head_kv = 2 * p.M * d * e
-    split_rows = [min(rows_per_split, p.N - s * rows_per_split) for s in range(splits)]
-    out_elem = e if splits == 1 else 4
-    dkv_out = Access("dkv" if splits == 1 else "dkv_partial", splits * kv_bytes // e * out_elem,
-                     stored=splits * kv_bytes // e * out_elem)
-    query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
-    kv_loads = (query_blocks if cfg.reload else splits) * bh * head_kv
+    bh, row_bytes = p.B * p.heads, rows_per_split * p.head_dim * p.elem
+    query_blocks, dkv_out = _split_ranges(p, cfg, rows_per_split, splits)
+    kv_loads = (query_blocks if cfg.reload else splits) * bh * p.head_kv
     launches = [Launch("sra_attention_bwd_dkdv", m_blocks * bh * splits, (
-        Access("kv", kv_bytes, loaded=kv_loads, reuse_set=kv_bytes if splits > 1 or cfg.reload else 0),
-        Access("q", q_bytes, loaded=m_blocks * q_bytes, reuse_set=reuse_set(rows_per_split * d * e, m_blocks)),
-        Access("grad_o", q_bytes, loaded=m_blocks * q_bytes, reuse_set=reuse_set(rows_per_split * d * e, m_blocks)),
-        Access("lse", rows_f32, loaded=m_blocks * rows_f32), Access("delta", rows_f32, loaded=m_blocks * rows_f32),
+        Access("kv", p.kv_bytes, loaded=kv_loads, reuse_set=p.kv_bytes if splits > 1 or cfg.reload else 0),
+        Access("q", p.q_bytes, loaded=m_blocks * p.q_bytes, reuse_set=reuse_set(row_bytes, m_blocks)),
+        Access("grad_o", p.q_bytes, loaded=m_blocks * p.q_bytes, reuse_set=reuse_set(row_bytes, m_blocks)),
+        Access("lse", p.rows_f32, loaded=m_blocks * p.rows_f32),
+        Access("delta", p.rows_f32, loaded=m_blocks * p.rows_f32),
         dkv_out,
     ), flops=m_blocks * bh * query_blocks * 8 * cfg.block_m * cfg.block_n * p.block_d, peak=_peak(p.dot))]
     if splits > 1:
-        launches += _split_sum(splits, kv_bytes, e)
+        launches += _split_sum(splits, p.kv_bytes, p.elem)
     return launches
 
 
 def _dq_launch(p, cfg, grid):
-    e, d, bh = p.elem, p.head_dim, p.B * p.heads
-    q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
-    head_kv = 2 * p.M * d * e
-    key_offset = d * e  # the head's first key, read once more by each dQ program (see the dQ kernel)
-    n_blocks = grid[0]
+    key_offset = p.head_dim * p.elem  # the head's first key, read once more by each dQ program (see the dQ kernel)
+    programs = grid[0] * p.B * p.heads
     key_blocks = triton.cdiv(p.M, cfg.block_m)
     row_loads = key_blocks if cfg.reload else 1
-    return Launch("sra_attention_bwd_dq", n_blocks * bh, (
-        Access("q", q_bytes, loaded=row_loads * q_bytes), Access("grad_o", q_bytes, loaded=row_loads * q_bytes),
-        Access("lse", rows_f32, loaded=rows_f32), Access("delta", rows_f32, loaded=rows_f32),
-        Access("kv", kv_bytes, loaded=n_blocks * bh * (head_kv + key_offset),
-               reuse_set=reuse_set(head_kv, n_blocks)),
-        Access("dq", q_bytes, stored=q_bytes),
-    ), flops=n_blocks * bh * key_blocks * 6 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot))
+    return Launch("sra_attention_bwd_dq", programs, (
+        Access("q", p.q_bytes, loaded=row_loads * p.q_bytes),
+        Access("grad_o", p.q_bytes, loaded=row_loads * p.q_bytes),
+        Access("lse", p.rows_f32, loaded=p.rows_f32), Access("delta", p.rows_f32, loaded=p.rows_f32),
+        Access("kv", p.kv_bytes, loaded=programs * (p.head_kv + key_offset), reuse_set=reuse_set(p.head_kv, grid[0])),
+        Access("dq", p.q_bytes, stored=p.q_bytes),
+    ), flops=programs * key_blocks * 6 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot))
 
 
 def _split_sum(splits, kv_bytes, e):
@@ -842,28 +858,22 @@ def backward_cost(p, num_sms=SMS, num_splits=None):
     """The backward's launches (one-block kernel, or delta, dK/dV and dQ; the split sum when there is one)
     as the traffic model counts them."""
     plan = backward_plan(p, num_sms, num_splits)
-    e, d, bh = p.elem, p.head_dim, p.B * p.heads
-    q_bytes, kv_bytes, rows_f32 = p.B * p.N * p.C * e, p.B * p.M * 2 * p.C * e, 4 * bh * p.N
-    head_kv = 2 * p.M * d * e
+    bh, q_bytes, kv_bytes, rows_f32 = p.B * p.heads, p.q_bytes, p.kv_bytes, p.rows_f32
     splits = plan.num_splits
-    split_rows = [min(plan.rows_per_split, p.N - s * plan.rows_per_split) for s in range(splits)]
-    out_elem = e if splits == 1 else 4
-    dkv_out = Access("dkv" if splits == 1 else "dkv_partial", splits * kv_bytes // e * out_elem,
-                     stored=splits * kv_bytes // e * out_elem)
     minimum = 3 * q_bytes + kv_bytes + rows_f32 + q_bytes + kv_bytes  # read dO, q, o, kv, lse; write dq, dkv
     useful = 8 * p.B * p.N * p.M * p.C  # the op's FLOP formula: autograd of the reference
     if plan.one is not None:
         cfg = plan.one
-        query_blocks = sum(triton.cdiv(r, cfg.block_n) for r in split_rows)
+        query_blocks, dkv_out = _split_ranges(p, cfg, plan.rows_per_split, splits)
         launches = [Launch("sra_attention_bwd_one_block", bh * splits, (
-            Access("kv", kv_bytes, loaded=(query_blocks if cfg.reload else splits) * bh * head_kv,
-                   reuse_set=reuse_set(head_kv, splits)),
+            Access("kv", kv_bytes, loaded=(query_blocks if cfg.reload else splits) * bh * p.head_kv,
+                   reuse_set=reuse_set(p.head_kv, splits)),
             Access("q", q_bytes, loaded=q_bytes),
             Access("grad_o", q_bytes, loaded=q_bytes), Access("o", q_bytes, loaded=q_bytes),
             Access("lse", rows_f32, loaded=rows_f32), Access("dq", q_bytes, stored=q_bytes), dkv_out,
         ), flops=bh * query_blocks * 10 * cfg.block_n * cfg.block_m * p.block_d, peak=_peak(p.dot))]
         if splits > 1:
-            launches += _split_sum(splits, kv_bytes, e)
+            launches += _split_sum(splits, kv_bytes, p.elem)
         return OpCost(tuple(launches), minimum, useful)
 
     launches = [Launch("sra_attention_bwd_delta", plan.delta_grid[0] * bh, (
