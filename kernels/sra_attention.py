@@ -448,8 +448,11 @@ class _Config:
 # Every entry compiles without register spills for sm_80 and sm_90 with triton 3.6 and 3.8
 # (python -m pvt_fast.kernels.report).
 # On sm_80 the dots chained through the softmax put all warps along the rows of a block, 16 rows each;
-# "ieee" fp32 dots run on the FMA units, whose operand layout needs 16 x 16 tiles. fp32 with a 128-wide
-# head block takes the ieee kernels even when tf32 is allowed: no tf32 tiling of it stays in registers.
+# "ieee" fp32 dots run on the FMA units, whose operand layout needs 16 x 16 tiles per 4 warps: the 64-wide
+# head block's forward takes 32 queries in 8 warps (206-210 registers, as 16 queries in 4 warps: the same
+# work per warp and warps per SM, half the K/V reads), 16 in 4 warps where that gives idle SMs programs.
+# fp32 with a 128-wide head block takes the ieee kernels even when tf32 is allowed: no tf32 tiling of it
+# stays in registers.
 _CONFIGS = {
     # (kernel, dot inputs, BLOCK_D): _Config(BLOCK_N, BLOCK_M, num_warps[, reload])
     ("fwd", "16-bit", 32): _Config(128, 64, 8),
@@ -458,7 +461,7 @@ _CONFIGS = {
     ("fwd", "tf32", 32): _Config(64, 64, 4),
     ("fwd", "tf32", 64): _Config(64, 64, 8),
     ("fwd", "ieee", 32): _Config(32, 16, 4),
-    ("fwd", "ieee", 64): _Config(16, 16, 4),
+    ("fwd", "ieee", 64): _Config(32, 16, 8),
     ("fwd", "ieee", 128): _Config(16, 16, 8),
     ("dkdv", "16-bit", 32): _Config(64, 64, 4),
     ("dkdv", "16-bit", 64): _Config(32, 64, 4),
@@ -483,6 +486,7 @@ _CONFIGS = {
     ("fwd_wide", "16-bit", 64): _Config(256, 32, 8),
     ("fwd_narrow", "16-bit", 32): _Config(64, 64, 4),
     ("fwd_narrow", "16-bit", 64): _Config(64, 64, 4),
+    ("fwd_narrow", "ieee", 64): _Config(16, 16, 4),
     ("dq_narrow", "16-bit", 32): _Config(64, 32, 4),
     ("dq_narrow", "16-bit", 64): _Config(64, 64, 4),
     ("dkdv_wide", "16-bit", 32): _Config(32, 128, 8),

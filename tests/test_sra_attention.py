@@ -373,8 +373,12 @@ def test_interpreter_version_guard(monkeypatch, triton_version, numpy_version, f
 
 
 @pytest.mark.parametrize("M", [20, 90])
-def test_plans_for_a_large_gpu(kernel_device, monkeypatch, M):
-    """The narrow query blocks and the many dK/dV splits a GPU with many SMs gets for a small problem."""
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 32), (torch.float32, 48)], ids=["fp16-d32", "fp32-d48"])
+def test_plans_for_a_large_gpu(kernel_device, monkeypatch, M, dtype, d):
+    """The narrow query blocks and the many dK/dV splits a GPU with many SMs gets for a small problem (fp32
+    with "highest" precision: the 16-query exact-fp32 blocks, 32 being the default)."""
     K = kernels()
     monkeypatch.setattr(K, "num_sms", lambda device: 1 << 16)
-    check_random(1, 150, M, 2, 32, torch.float16, kernel_device)
+    cfg, _ = K.forward_plan(K.Problem(1, 150, M, 2 * d, 2, dtype), 1 << 16)
+    assert cfg.block_n == (16 if dtype == torch.float32 else 64)
+    check_random(1, 150, M, 2, d, dtype, kernel_device)

@@ -322,7 +322,6 @@ RATIO_GAPS = {
                                          "(L2), split-K partial sums cost fp32 round trips; C = 320 worst"),
     ("sra_attention fwd", "bfloat16"): (3.1, "1024 px stages 2-4 at batch 1: each query block reads all of "
                                              "its head's K/V; few query blocks for 132 SMs"),
-    ("sra_attention fwd", "float32"): (1.6, "exact fp32 dots use 16 x 16 FMA tiles: K/V read per 16 queries"),
     ("sra_attention bwd", "bfloat16"): (2.2, "1024 px: three-kernel backward re-reads q/dO per 128 keys and "
                                              "K/V per query block; stage 4 has 8 heads of 1024 keys"),
 }
@@ -372,5 +371,7 @@ def test_attention_plans_follow_the_model():
     stage4 = sa.Problem(1, 1024, 1024, 512, 8, torch.bfloat16)
     plan = sa.backward_plan(stage4, 132)
     assert plan.num_splits == 1 and plan.dq.block_n == 64 and sa.forward_plan(stage4, 132)[0].block_n == 64
+    # exact fp32 (d 64): 32-query blocks in 8 warps, half the K/V reads of 16 (stage 1 at 224 px batch 64)
+    assert sa.forward_plan(sa.Problem(64, 3136, 49, 64, 1, torch.float32), 132)[0].block_n == 32
     # the interpreter's single "SM": no program is idle, so the fewest bytes win (the widest blocks, no split)
     assert sa.forward_plan(stage2, 1)[0].block_n == 256 and sa.backward_plan(stage4, 1).num_splits == 1
