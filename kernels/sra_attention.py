@@ -23,8 +23,8 @@ computes delta = rowsum(dO * O), P, dP, dS, writes dQ (complete, all keys are in
 dK, dV over its range. Otherwise flash attention's three kernels: delta, one that walks the queries for
 each key block (dK, dV; 128-key blocks past 64 keys, so q and dO are read once per 128 keys) and one that
 walks the keys for each query block (dQ), both recomputing ``P = exp(S - lse)``. Query ranges summed by
-different programs write fp32 partial sums, added in a fixed order afterwards: nothing is accumulated with
-atomics, so results are bitwise reproducible. How many query ranges dK/dV is split into is chosen the same
+different programs write fp32 partial sums, which one more kernel adds in split order and rounds once into
+dkv: nothing is accumulated with atomics, so results are bitwise reproducible. How many query ranges dK/dV is split into is chosen the same
 way: splits fill SMs, each adds an fp32 partial-sum pass.
 
 Head dims up to 128: the head-dim block is the next power of two >= 32, masked beyond d. The block sizes
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from pvt_fast.kernels._aot import AotSpec
-from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost, pytorch_kernel, reuse_set
+from pvt_fast.kernels._counts import SMS, Access, Launch, OpCost, reuse_set
 from pvt_fast.kernels._common import TRITON_TYPES, dot_inputs, input_precision, num_sms, unit_last_stride
 
 LOG2E = math.log2(math.e)
@@ -158,6 +158,21 @@ def _sra_attention_bwd_delta_kernel(
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * N + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _sra_attention_split_sum_kernel(partial_ptr, out_ptr, numel, splits, BLOCK: tl.constexpr):
+    """out[i] = partial[0, i] + partial[1, i] + ... + partial[splits - 1, i], added in that order in fp32 and
+    rounded once to out's dtype, for BLOCK elements i. partial_ptr: (splits, numel) fp32 contiguous; out_ptr:
+    numel elements, contiguous. Bytes: 4 splits numel read, numel elements written."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    ptrs = partial_ptr + offs
+    total = tl.zeros((BLOCK,), tl.float32)
+    for _ in range(splits):
+        total += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += numel  # pointer arithmetic: no 32-bit product of split and numel
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -506,6 +521,8 @@ _CONFIGS = {
 _ONE_BLOCK_M = 64  # keys the one-block backward holds; past it the wide variants pay off
 _SMALL_M = 16  # at most this many keys: 16-key blocks rather than blocks that are mostly padding
 _DELTA_BLOCK_N = 64
+_SUM_BLOCK = 1024  # elements per program of the split sum (8 per thread)
+_SUM_WARPS, _SUM_STAGES = 4, 2
 
 
 def _block_d(head_dim):
@@ -715,6 +732,13 @@ def sra_attention_fwd(q, kv, num_heads, scale, out=None, lse=None):
     return o, lse
 
 
+def _split_sum_into(dkv, partial):
+    """dkv = the splits of ``partial`` (splits, *dkv.shape) fp32 added in split order, rounded once."""
+    numel = dkv.numel()
+    _sra_attention_split_sum_kernel[(triton.cdiv(numel, _SUM_BLOCK),)](
+        partial, dkv, numel, partial.shape[0], BLOCK=_SUM_BLOCK, num_warps=_SUM_WARPS, num_stages=_SUM_STAGES)
+
+
 def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, num_splits=None, dq=None, dkv=None):
     """Launch the backward. Returns (dq, dkv) shaped like q and kv, in their dtype (written into ``dq`` /
     ``dkv`` when given: contiguous, right shape and dtype).
@@ -748,7 +772,7 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
             num_stages=cfg.num_stages, **meta,
         )
         if plan.num_splits > 1:
-            dkv.copy_(partial.sum(0))
+            _split_sum_into(dkv, partial)
         return dq, dkv
 
     delta = torch.empty((p.B, num_heads, p.N), dtype=torch.float32, device=q.device)
@@ -767,7 +791,7 @@ def sra_attention_bwd(grad_o, q, kv, o, lse, num_heads, scale, grad_lse=None, nu
         num_stages=cfg.num_stages, **meta,
     )
     if plan.num_splits > 1:
-        dkv.copy_(partial.sum(0))
+        _split_sum_into(dkv, partial)
 
     cfg = plan.dq
     # With a gradient into lse, rowsum(dS) = grad_lse, not 0: the kernel's dS (K - k0) goes to an fp32 buffer
@@ -853,9 +877,10 @@ def _dq_launch(p, cfg, grid):
 
 
 def _split_sum(splits, kv_bytes, e):
-    f32 = kv_bytes // e * 4
-    return [pytorch_kernel("dkv_partial.sum(0)", {"dkv_partial": splits * f32}, {"dkv_sum": f32}),
-            pytorch_kernel("dkv.copy_", {"dkv_sum": f32}, {"dkv": kv_bytes})]
+    elements = kv_bytes // e
+    return [Launch("sra_attention_split_sum", triton.cdiv(elements, _SUM_BLOCK), (
+        Access("dkv_partial", splits * elements * 4, loaded=splits * elements * 4),
+        Access("dkv", kv_bytes, stored=kv_bytes)))]
 
 
 def backward_cost(p, num_sms=SMS, num_splits=None):
@@ -934,7 +959,7 @@ def _spec(kernel, dtype, dot_inputs, head_dim, M, out_elem=None):
 def aot_specs():
     """Every (kernel, dtype, tl.dot inputs, head-dim block, block configuration) the launchers can pick:
     head dims 32, 64, 128 (and 48 for the masked-column path), a small and a large key count, the dK/dV
-    kernel also writing fp32 partial sums for 16-bit inputs (split query ranges)."""
+    kernel also writing fp32 partial sums for 16-bit inputs (split query ranges); the split sum into each dtype."""
     variants = [(torch.float16, "16-bit"), (torch.bfloat16, "16-bit"), (torch.float32, "tf32"),
                 (torch.float32, "ieee")]
     specs = {}
@@ -958,6 +983,12 @@ def aot_specs():
                 fn = _sra_attention_bwd_delta_kernel
                 name = f"sra_attention_bwd_delta {TRITON_TYPES[dtype]} d{head_dim} N{_DELTA_BLOCK_N}"
                 specs[name] = AotSpec(name, fn, _signature(fn, TRITON_TYPES[dtype], consts), consts)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        fn, elem = _sra_attention_split_sum_kernel, TRITON_TYPES[dtype]
+        name = f"sra_attention_split_sum fp32->{elem} B{_SUM_BLOCK} w{_SUM_WARPS}"
+        specs[name] = AotSpec(name, fn, {"partial_ptr": "*fp32", "out_ptr": "*" + elem, "numel": "i32",
+                                         "splits": "i32", "BLOCK": "constexpr"}, {"BLOCK": _SUM_BLOCK}, _SUM_WARPS,
+                                  _SUM_STAGES)
     return list(specs.values())
 
 

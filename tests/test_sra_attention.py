@@ -142,6 +142,29 @@ def test_split_query_ranges_for_dkdv(kernel_device, num_splits, M):
     check_random(1, 150, M, 1, 32, torch.float16, kernel_device, num_splits=num_splits)
 
 
+def test_split_query_ranges_fp32(kernel_device):
+    check_random(1, 70, 40, 1, 32, torch.float32, kernel_device, num_splits=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_split_sum_adds_in_split_order(kernel_device, dtype, splits):
+    """The split sum is the fp32 sum in split order, rounded once: bitwise, over a tail block (2 * 1024 + 37
+    elements). Values of mixed magnitude make a different order or an early rounding show. (Triton's
+    interpreter rounds fp32 -> bf16 toward zero, GPUs to nearest: under it the bf16 result is the truncation.)"""
+    g = torch.Generator().manual_seed(3)
+    partial = (torch.randn(splits, 2, 1061, generator=g) * torch.logspace(-4, 4, splits)[:, None, None]).to(
+        kernel_device)
+    out = torch.full((2, 1061), float("nan"), dtype=dtype, device=kernel_device)
+    kernels()._split_sum_into(out, partial)
+    expected = partial[0].clone()
+    for s in range(1, splits):
+        expected += partial[s]
+    if dtype == torch.bfloat16 and kernel_device == "cpu":
+        expected = (expected.view(torch.int32) & -65536).view(torch.float32)  # exact in bf16
+    assert torch.equal(out, expected.to(dtype))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,M,heads,d", CASES + [
     pytest.param(2, 3136, 49, 1, 64, id="pvt-stage1-224"),
