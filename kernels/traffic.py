@@ -29,6 +29,13 @@ the fused kernels (a depthwise conv, for one, is charged its minimum bytes). The
 the patch embedding and of reduce_kv is PyTorch ops too (recomputing the forward): those rows show the
 cost of the recomputation, not a kernel of ours.
 
+The ``floor`` column (the convolution + LayerNorm forwards) is :func:`gemm_floor`: the lowest R that any
+plan of single-SM tiles reaches in this model at that shape, however it tiles and splits. Where the floor
+is above ``R_LIMIT`` no such plan meets it: the input or weight re-reads of tiles one SM can hold, or the
+fp32 partial sums that fill the SMs, cost more than the limit allows; what remains is sharing tiles
+between SMs (Hopper thread-block clusters: TMA multicast of operand tiles, split-K summed in distributed
+shared memory). Where it is below, a better plan exists.
+
 The constants are H100 SXM's, here and nowhere else (the sources are next to each).
 """
 import dataclasses
@@ -101,6 +108,57 @@ def summarize(cost):
         predicted=sum(launch_seconds(launch) for launch in cost.launches),
         ideal=max(cost.minimum_bytes / HBM_BANDWIDTH, compute),
     )
+
+
+# --- the floor of single-SM tiles for the GEMM-like ops ----------------------------------------------
+
+# The largest output tile one SM can accumulate: 128 x 256 fp32 sums are 128 KB, half its 256 KB register file
+# (H100 has 64K 32-bit registers per SM; CUTLASS's and FlashAttention-3's largest Hopper tiles are this size).
+MAX_TILE_ELEMENTS = 128 * 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    """A convolution + LayerNorm as the GEMM the model sees: ``rows`` tokens x ``cols`` channels over
+    ``inner`` products each, reading ``a_bytes`` of input (each distinct byte; the windows a token gathers may
+    overlap) and ``b_bytes`` of weight, writing ``out_bytes``; the LayerNorm needs whole rows of sums."""
+
+    rows: int
+    cols: int
+    inner: int
+    a_bytes: int
+    b_bytes: int
+    out_bytes: int
+    peak: str
+
+
+def gemm_floor(gemm, ideal, sms=SMS):
+    """The lowest ``R`` (over ``ideal`` seconds) that any plan of single-SM tiles reaches in this model, a lower
+    bound for the op's kernels, however tiled: every ``bm x bn`` tile (powers of two from 16, or every column
+    at once; at most :data:`MAX_TILE_ELEMENTS`) with its inner dimension split ``S`` ways (1-32) reads at least
+    the whole input once per column block and the weight once per row block; where a tile holds less than a
+    whole row, or ``S > 1``, its fp32 sums make a round trip through memory (written, then read by a pass that
+    normalizes and writes the output); a launch of fewer programs than SMs is stretched as any other. The
+    gather overlap of strided windows, padding, the weight packing and the parameters are not charged.
+    Returns ``(R, (bm, bn, S))``."""
+    sizes = [1 << i for i in range(4, 9)]
+    best = None
+    for bm in sizes:
+        for bn in sizes + [gemm.cols]:
+            if bm * bn > MAX_TILE_ELEMENTS or bn > gemm.cols:
+                continue
+            row_blocks, col_blocks = -(-gemm.rows // bm), -(-gemm.cols // bn)
+            for splits in range(1, 33):
+                sums = 4 * splits * gemm.rows * gemm.cols if splits > 1 or bn < gemm.cols else 0
+                l2 = gemm.a_bytes * col_blocks + gemm.b_bytes * row_blocks + (sums or gemm.out_bytes)
+                flops = 2 * gemm.rows * gemm.cols * gemm.inner
+                tiles = max(l2 / L2_BANDWIDTH, flops / PEAK_FLOPS[gemm.peak])
+                seconds = tiles / min(1.0, row_blocks * col_blocks * splits / sms)
+                if sums:
+                    seconds += (sums + gemm.out_bytes) / HBM_BANDWIDTH
+                if best is None or seconds < best[0]:
+                    best = seconds, (bm, bn, splits)
+    return best[0] / ideal, best[1]
 
 
 # --- the benchmark shapes ---------------------------------------------------------------------------
@@ -254,6 +312,7 @@ class Row:
     fused: OpCost
     unfused: OpCost
     kernels: bool  # the fused side launches pvt_fast kernels (False: only PyTorch ops, e.g. a backward)
+    gemm: Gemm = None  # the convolution's GEMM, for the forwards of the patch embedding and reduce_kv
 
     @property
     def shape(self):
@@ -267,14 +326,20 @@ def _rows_for(st, dtype):
     pe = patch_embed_cuda.Problem.for_stage(st, dtype)
     pe_fwd, pe_bwd, pe_recompute = conv_layer_norm_chains(pe.M, st.C, pe.K, st.batch * st.cin * st.H_in ** 2 * e, e,
                                                           dtype)
-    rows = [Row("patch_embed fwd", st, dtype, patch_embed_cuda.forward_cost(pe), pe_fwd, True),
+    peak = "fp32" if dtype == torch.float32 else "16-bit"
+    x_bytes = st.batch * st.cin * st.H_in ** 2 * e
+    rows = [Row("patch_embed fwd", st, dtype, patch_embed_cuda.forward_cost(pe), pe_fwd, True,
+                Gemm(pe.M, st.C, pe.K, x_bytes, st.C * pe.K * e, pe.M * st.C * e, peak)),
             Row("patch_embed bwd", st, dtype, pe_recompute, pe_bwd, False)]
     if st.sr > 1:
         p = reduce_kv.Problem(st.batch, st.H, st.H, st.C, st.sr, dtype)
         tokens = st.batch * (st.H // st.sr) ** 2
         fwd, bwd, recompute = conv_layer_norm_chains(tokens, st.C, st.C * st.sr ** 2, tokens * st.sr ** 2 * st.C * e,
                                                      e, dtype)
-        rows += [Row("reduce_kv fwd", st, dtype, reduce_kv.forward_cost(p), fwd, True),
+        k_dim = st.C * st.sr ** 2
+        rows += [Row("reduce_kv fwd", st, dtype, reduce_kv.forward_cost(p), fwd, True,
+                     Gemm(tokens, st.C, k_dim, tokens * k_dim * e, st.C * k_dim * e, tokens * st.C * e,
+                          reduce_kv._peak(dtype))),
                  Row("reduce_kv bwd", st, dtype, recompute, bwd, False)]
     p = sra_attention.Problem(st.batch, st.N, st.M, st.C, st.heads, dtype)
     rows += [Row("sra_attention fwd", st, dtype, sra_attention.forward_cost(p), unfused_attention(st, dtype, False),
@@ -302,7 +367,7 @@ def benchmark_rows():
 
 def format_rows(rows):
     header = ("op", "shape", "programs", "L2 MB", "HBM MB", "min MB", "GFLOP", "flop x", "pred us", "ideal us",
-              "unfused us", "")
+              "unfused us", "floor", "")
     table = []
     worst = None
     for row in rows:
@@ -311,7 +376,8 @@ def format_rows(rows):
         table.append((row.op + ("" if row.kernels else " (PyTorch ops)"), row.shape, str(programs),
                       f"{s.l2 / 1e6:.1f}", f"{s.hbm / 1e6:.1f}", f"{s.minimum / 1e6:.1f}", f"{s.flops / 1e9:.2f}",
                       f"{s.flops / max(1, s.useful_flops):.2f}", f"{s.predicted * 1e6:.1f}", f"{s.ideal * 1e6:.1f}",
-                      f"{u.predicted * 1e6:.1f}", f"traffic x{s.ratio:.2f}"))
+                      f"{u.predicted * 1e6:.1f}", f"x{gemm_floor(row.gemm, s.ideal)[0]:.2f}" if row.gemm else "",
+                      f"traffic x{s.ratio:.2f}"))
         if row.kernels and (worst is None or s.ratio > worst[0]):
             worst = (s.ratio, row.op, row.shape)
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
@@ -322,5 +388,6 @@ def format_rows(rows):
     return "\n".join(lines)
 
 
-__all__ = ["HBM_BANDWIDTH", "L2_BANDWIDTH", "L2_BYTES", "PEAK_FLOPS", "R_LIMIT", "Row", "Summary",
-           "benchmark_rows", "format_rows", "hbm_bytes", "launch_seconds", "stages", "summarize"]
+__all__ = ["HBM_BANDWIDTH", "L2_BANDWIDTH", "L2_BYTES", "MAX_TILE_ELEMENTS", "PEAK_FLOPS", "R_LIMIT", "Gemm", "Row",
+           "Summary", "benchmark_rows", "format_rows", "gemm_floor", "hbm_bytes", "launch_seconds", "stages",
+           "summarize"]

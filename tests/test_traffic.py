@@ -319,9 +319,11 @@ def test_report_ends_with_the_worst_ratio(rows, capsys):
 RATIO_GAPS = {
     ("patch_embed fwd", "bfloat16"): (6.1, "an implicit GEMM at tensor-core speed is L2-bound in this model "
                                           "for any tile one SM holds (64-128 x 128 here: 43-64 FLOP/B against "
-                                          "the 180 the L2 feeds); split plans add an fp32 workspace round trip"),
+                                          "the 180 the L2 feeds); split plans add an fp32 workspace round trip; "
+                                          "the worst rows are at single-SM floors over the limit (IMPROVABLE)"),
     ("reduce_kv fwd", "bfloat16"): (5.5, "a conv with K = sr^2 C >> C: each row block reads the whole weight "
-                                         "(L2), split-K partial sums cost fp32 round trips; C = 320 worst"),
+                                         "(L2), split-K partial sums cost fp32 round trips; C = 320 worst; "
+                                         "the worst rows are at single-SM floors over the limit (IMPROVABLE)"),
     ("sra_attention fwd", "bfloat16"): (3.1, "1024 px stages 2-4 at batch 1: each query block reads all of "
                                              "its head's K/V; few query blocks for 132 SMs"),
     ("sra_attention bwd", "bfloat16"): (2.2, "1024 px: three-kernel backward re-reads q/dO per 128 keys and "
@@ -335,8 +337,48 @@ SLOWER_THAN_UNFUSED = {("patch_embed fwd", "bfloat16"), ("patch_embed fwd", "flo
                        ("sra_attention bwd", "float32")}
 
 
+# Rows of the convolution + LayerNorm forwards over R_LIMIT whose single-SM floor (traffic.gemm_floor) is under
+# it: a better plan of single-SM tiles exists. Every other such row is at a floor above R_LIMIT: no tiling one
+# SM holds meets the limit there, only tiles shared between SMs (Hopper clusters) could.
+IMPROVABLE = {("patch_embed fwd", "pvt_v2_b2 s2 224px b64 bfloat16"), ("patch_embed fwd", "pvt_v2_b2 s1 1024px b1 bfloat16"),
+              ("reduce_kv fwd", "pvt_v2_b2 s1 224px b64 bfloat16"), ("reduce_kv fwd", "pvt_tiny s1 224px b64 bfloat16")}
+
+
 def _key(row):
     return row.op, str(row.dtype)[6:]
+
+
+def test_no_plan_beats_the_single_sm_floor(rows):
+    """The floor is a lower bound: a plan under it means a byte or FLOP the model of that plan left out."""
+    gemms = [row for row in rows if row.gemm is not None]
+    assert {row.op for row in gemms} == {"patch_embed fwd", "reduce_kv fwd"}
+    for row in gemms:
+        s = traffic.summarize(row.fused)
+        floor, _ = traffic.gemm_floor(row.gemm, s.ideal)
+        assert floor <= s.ratio * (1 + 1e-9), f"{row.op} {row.shape}: x{s.ratio:.3f} under its floor x{floor:.3f}"
+
+
+def test_gaps_of_the_gemms_are_at_floors_over_the_limit(rows):
+    improvable = set()
+    for row in rows:
+        if row.gemm is None:
+            continue
+        s = traffic.summarize(row.fused)
+        if s.ratio > traffic.R_LIMIT and traffic.gemm_floor(row.gemm, s.ideal)[0] <= traffic.R_LIMIT:
+            improvable.add((row.op, row.shape))
+    assert improvable == IMPROVABLE
+
+
+def test_gemm_floor_by_hand():
+    """One SM, and a problem one 128 x 256 tile covers: the floor is that tile, reading everything once."""
+    g = traffic.Gemm(rows=128, cols=256, inner=4096, a_bytes=128 * 4096 * 2, b_bytes=256 * 4096 * 2,
+                     out_bytes=128 * 256 * 2, peak="16-bit")
+    seconds = max((g.a_bytes + g.b_bytes + g.out_bytes) / traffic.L2_BANDWIDTH,
+                  2 * 128 * 256 * 4096 / traffic.PEAK_FLOPS["16-bit"])
+    assert traffic.gemm_floor(g, 1e-6, sms=1) == (pytest.approx(seconds / 1e-6), (128, 256, 1))
+    # 132 SMs: the one tile would leave 131 idle (132 times as long); the floor splits the work instead
+    R, (bm, bn, splits) = traffic.gemm_floor(g, 1e-6, sms=132)
+    assert R < 132 * seconds / 1e-6 / 10 and (128 // bm) * (256 // bn) * splits > 10
 
 
 def test_ratio_at_the_benchmark_shapes(rows):
