@@ -683,23 +683,26 @@ def backward_plan(p, num_sms, num_splits=None, grad_lse=False):
 
 
 _DKDV_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+_SPLIT_MARGIN = 0.05
 
 
 def _dkdv_splits(p, cfg, m_blocks, num_sms):
-    """The split count (at most one per query block) whose dK/dV launch and split sum are predicted fastest:
-    more splits give idle SMs programs, each split writes fp32 partial sums that are added afterwards."""
+    """The fewest splits (at most one per query block) whose dK/dV launch and split sum are predicted within
+    ``_SPLIT_MARGIN`` of the fastest: more splits give idle SMs programs, each split writes fp32 partial sums
+    that are added afterwards. The margin: a split's bytes are certain, the time idle SMs cost is the model's
+    estimate (it stretches an under-filled launch as if each SM could only draw its share of L2 bandwidth)."""
     from pvt_fast.kernels.traffic import launch_seconds
 
     n_blocks = triton.cdiv(p.N, cfg.block_n)
-    best = None
+    options = []
     for want in _DKDV_SPLITS:
         if want > n_blocks:
             break
         rows, splits = _split_rows(p.N, cfg.block_n, want)
-        seconds = sum(launch_seconds(launch, num_sms) for launch in _dkdv_launches(p, cfg, m_blocks, rows, splits))
-        if best is None or seconds < best[0]:
-            best = seconds, splits
-    return best[1]
+        options.append((sum(launch_seconds(launch, num_sms)
+                            for launch in _dkdv_launches(p, cfg, m_blocks, rows, splits)), splits))
+    fastest = min(seconds for seconds, _ in options)
+    return min(splits for seconds, splits in options if seconds <= fastest * (1 + _SPLIT_MARGIN))
 
 
 def _problem(q, kv, num_heads):

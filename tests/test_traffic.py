@@ -404,10 +404,10 @@ def test_fused_not_slower_than_unfused(rows):
 def test_attention_plans_follow_the_model():
     """pvt_v2_b2 at 1024 px batch 1. Stage 2 (N 16384, M 1024, 2 heads): 256-query blocks give 128 programs
     for 132 SMs and read each head's K/V half as often as 128-query blocks, so the forward takes them. Stage 4
-    (N = M = 1024, 8 heads, d 64): dK/dV's 128-key blocks make 64 programs; two query ranges make 128, whose
-    4 MB of fp32 partial sums (written, then read once by the split sum that writes dkv) cost less than the
-    idle half of the GPU, four ranges more; its dQ and forward take 64-query blocks (128 programs rather than
-    64)."""
+    (N = M = 1024, 8 heads, d 64): dK/dV's 128-key blocks make 64 programs; two query ranges would make 128,
+    but their 4 MB of fp32 partial sums (written, then read by the split sum) gain less than the 5% margin a
+    split must clear, four ranges lose: dK/dV runs unsplit; its dQ and forward take 64-query blocks (128
+    programs rather than 64)."""
     from pvt_fast.kernels import sra_attention as sa
 
     stage2 = sa.Problem(1, 16384, 1024, 128, 2, torch.bfloat16)
@@ -415,9 +415,9 @@ def test_attention_plans_follow_the_model():
     assert (cfg.block_n, grid) == (256, (64, 2))
     stage4 = sa.Problem(1, 1024, 1024, 512, 8, torch.bfloat16)
     plan = sa.backward_plan(stage4, 132)
-    assert plan.num_splits == 2 and plan.dq.block_n == 64 and sa.forward_plan(stage4, 132)[0].block_n == 64
+    assert plan.num_splits == 1 and plan.dq.block_n == 64 and sa.forward_plan(stage4, 132)[0].block_n == 64
     seconds = {n: traffic.summarize(sa.backward_cost(stage4, 132, n)).predicted for n in (1, 2, 4)}
-    assert seconds[2] < seconds[1] < seconds[4]
+    assert seconds[1] / (1 + sa._SPLIT_MARGIN) < seconds[2] < seconds[1] < seconds[4]
     # exact fp32 (d 64): 32-query blocks in 8 warps, half the K/V reads of 16 (stage 1 at 224 px batch 64)
     assert sa.forward_plan(sa.Problem(64, 3136, 49, 64, 1, torch.float32), 132)[0].block_n == 32
     # the interpreter's single "SM": no program is idle, so the fewest bytes win (the widest blocks, no split)
