@@ -24,8 +24,8 @@ dK, dV over its range. Otherwise flash attention's three kernels: delta, one tha
 each key block (dK, dV; 128-key blocks past 64 keys, so q and dO are read once per 128 keys) and one that
 walks the keys for each query block (dQ), both recomputing ``P = exp(S - lse)``. Query ranges summed by
 different programs write fp32 partial sums, which one more kernel adds in split order and rounds once into
-dkv: nothing is accumulated with atomics, so results are bitwise reproducible. How many query ranges dK/dV is split into is chosen the same
-way: splits fill SMs, each adds an fp32 partial-sum pass.
+dkv: nothing is accumulated with atomics, so results are bitwise reproducible. How many query ranges dK/dV
+is split into is chosen the same way: splits fill SMs, each adds an fp32 partial-sum pass.
 
 Head dims up to 128: the head-dim block is the next power of two >= 32, masked beyond d. The block sizes
 come from one table (``_CONFIGS``) indexed by kernel, what tl.dot multiplies (fp16/bf16, tf32, or ieee

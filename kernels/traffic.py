@@ -339,7 +339,7 @@ def _rows_for(st, dtype):
         k_dim = st.C * st.sr ** 2
         rows += [Row("reduce_kv fwd", st, dtype, reduce_kv.forward_cost(p), fwd, True,
                      Gemm(tokens, st.C, k_dim, tokens * k_dim * e, st.C * k_dim * e, tokens * st.C * e,
-                          reduce_kv._peak(dtype))),
+                          _gemm_peak(dtype))),
                  Row("reduce_kv bwd", st, dtype, recompute, bwd, False)]
     p = sra_attention.Problem(st.batch, st.N, st.M, st.C, st.heads, dtype)
     rows += [Row("sra_attention fwd", st, dtype, sra_attention.forward_cost(p), unfused_attention(st, dtype, False),

@@ -340,8 +340,10 @@ SLOWER_THAN_UNFUSED = {("patch_embed fwd", "bfloat16"), ("patch_embed fwd", "flo
 # Rows of the convolution + LayerNorm forwards over R_LIMIT whose single-SM floor (traffic.gemm_floor) is under
 # it: a better plan of single-SM tiles exists. Every other such row is at a floor above R_LIMIT: no tiling one
 # SM holds meets the limit there, only tiles shared between SMs (Hopper clusters) could.
-IMPROVABLE = {("patch_embed fwd", "pvt_v2_b2 s2 224px b64 bfloat16"), ("patch_embed fwd", "pvt_v2_b2 s1 1024px b1 bfloat16"),
-              ("reduce_kv fwd", "pvt_v2_b2 s1 224px b64 bfloat16"), ("reduce_kv fwd", "pvt_tiny s1 224px b64 bfloat16")}
+IMPROVABLE = {("patch_embed fwd", "pvt_v2_b2 s2 224px b64 bfloat16"),
+              ("patch_embed fwd", "pvt_v2_b2 s1 1024px b1 bfloat16"),
+              ("reduce_kv fwd", "pvt_v2_b2 s1 224px b64 bfloat16"),
+              ("reduce_kv fwd", "pvt_tiny s1 224px b64 bfloat16")}
 
 
 def _key(row):
