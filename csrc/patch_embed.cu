@@ -322,8 +322,7 @@ cudaError_t launch_vec(const LaunchArgs& a, const Plan& pl, cudaStream_t stream)
 
 }  // namespace
 
-cudaError_t launch_patch_embed(const LaunchArgs& args, cudaStream_t stream) {
-  const Plan pl = plan_for(args);
+cudaError_t launch_patch_embed(const LaunchArgs& args, const Plan& pl, cudaStream_t stream) {
   switch (args.dtype) {
     case DType::kFloat32: return launch_vec<float>(args, pl, stream);
     case DType::kFloat16: return launch_vec<__half>(args, pl, stream);

@@ -19,8 +19,9 @@
 // offsets of each kk), gathers the A tile (bm x bk) and the weight tile (bn x bk) into shared memory and
 // multiplies them into the fp32 tile C (bm x bn). The weight is read from a packed copy the op makes once
 // per call: (Cout, kpad) in x's dtype, row n holding weight[n, tap(kk)] in kk order, zero past K
-// (packed_pitch), so a weight tile is 16-byte loads of contiguous rows whatever the weight's layout or dtype. When the whole K fits
-// ("resident" plan, one chunk), the weight tile is loaded once per block and the block loops over tiles.
+// (packed_pitch), so a weight tile is 16-byte loads of contiguous rows whatever the weight's layout or
+// dtype. When the whole K fits ("resident" plan, one chunk), the weight tile is loaded once per block and
+// the block loops over tiles.
 // The epilogue adds the bias, normalizes each row in fp32 (two-pass mean and variance) and stores it in
 // x's dtype (a split plan's tiles store their fp32 sums instead, and the norm pass runs this epilogue).
 #pragma once

@@ -33,7 +33,7 @@ struct LaunchArgs {
 
 inline int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
-// The plan launch_patch_embed uses for these arguments.
+// The plan for these arguments: the one the op computes once and passes to launch_patch_embed.
 inline Plan plan_for(const LaunchArgs& a) {
   const int es = elem_size(a.dtype);
   const int vec = choose_vec(a.g, es, reinterpret_cast<uintptr_t>(a.x));
@@ -41,8 +41,9 @@ inline Plan plan_for(const LaunchArgs& a) {
   return make_plan(a.g, es, vec, a.plan_kind, a.max_smem);
 }
 
-// Launches on `stream` on the current device; returns the launch's error code. Requires M >= 1.
-cudaError_t launch_patch_embed(const LaunchArgs& args, cudaStream_t stream);
+// Launches plan `pl` (plan_for(args), computed once by the caller, which sizes the workspace for it) on
+// `stream` on the current device; returns the launch's error code. Requires M >= 1.
+cudaError_t launch_patch_embed(const LaunchArgs& args, const Plan& pl, cudaStream_t stream);
 
 }  // namespace patch_embed
 }  // namespace pvt_fast

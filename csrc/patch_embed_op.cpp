@@ -181,7 +181,7 @@ void run(const Geometry& g, const at::Tensor& x, const at::Tensor& weight, const
     a.workspace = workspace.data_ptr<float>();
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(launch_patch_embed(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  C10_CUDA_CHECK(launch_patch_embed(a, plan, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
 }
 
 }  // namespace
