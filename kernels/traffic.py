@@ -121,15 +121,22 @@ MAX_TILE_ELEMENTS = 128 * 256
 class Gemm:
     """A convolution + LayerNorm as the GEMM the model sees: ``rows`` tokens x ``cols`` channels over
     ``inner`` products each, reading ``a_bytes`` of input (each distinct byte; the windows a token gathers may
-    overlap) and ``b_bytes`` of weight, writing ``out_bytes``; the LayerNorm needs whole rows of sums."""
+    overlap), weight and output of ``elem``-byte elements, at ``peak``; the LayerNorm needs whole rows of sums."""
 
     rows: int
     cols: int
     inner: int
     a_bytes: int
-    b_bytes: int
-    out_bytes: int
+    elem: int
     peak: str
+
+    @property
+    def b_bytes(self):
+        return self.cols * self.inner * self.elem
+
+    @property
+    def out_bytes(self):
+        return self.rows * self.cols * self.elem
 
 
 def gemm_floor(gemm, ideal, sms=SMS):
@@ -319,27 +326,29 @@ class Row:
         return f"{self.stage.label} {str(self.dtype)[6:]}"
 
 
+def _gemm_of(cost, rows, cols, inner, a_bytes, e):
+    """The :class:`Gemm` of a conv + LayerNorm forward whose fused launches are ``cost``, at the peak its
+    convolution kernel (the launch with FLOPs) runs at."""
+    return Gemm(rows, cols, inner, a_bytes, e, next(launch.peak for launch in cost.launches if launch.flops))
+
+
 def _rows_for(st, dtype):
     from pvt_fast.kernels import mlp_dwconv, patch_embed_cuda, reduce_kv, sra_attention
 
     e = torch.empty((), dtype=dtype).element_size()
     pe = patch_embed_cuda.Problem.for_stage(st, dtype)
-    pe_fwd, pe_bwd, pe_recompute = conv_layer_norm_chains(pe.M, st.C, pe.K, st.batch * st.cin * st.H_in ** 2 * e, e,
-                                                          dtype)
-    peak = "fp32" if dtype == torch.float32 else "16-bit"
     x_bytes = st.batch * st.cin * st.H_in ** 2 * e
-    rows = [Row("patch_embed fwd", st, dtype, patch_embed_cuda.forward_cost(pe), pe_fwd, True,
-                Gemm(pe.M, st.C, pe.K, x_bytes, st.C * pe.K * e, pe.M * st.C * e, peak)),
+    pe_fwd, pe_bwd, pe_recompute = conv_layer_norm_chains(pe.M, st.C, pe.K, x_bytes, e, dtype)
+    pe_cost = patch_embed_cuda.forward_cost(pe)
+    rows = [Row("patch_embed fwd", st, dtype, pe_cost, pe_fwd, True, _gemm_of(pe_cost, pe.M, st.C, pe.K, x_bytes, e)),
             Row("patch_embed bwd", st, dtype, pe_recompute, pe_bwd, False)]
     if st.sr > 1:
         p = reduce_kv.Problem(st.batch, st.H, st.H, st.C, st.sr, dtype)
-        tokens = st.batch * (st.H // st.sr) ** 2
-        fwd, bwd, recompute = conv_layer_norm_chains(tokens, st.C, st.C * st.sr ** 2, tokens * st.sr ** 2 * st.C * e,
-                                                     e, dtype)
-        k_dim = st.C * st.sr ** 2
-        rows += [Row("reduce_kv fwd", st, dtype, reduce_kv.forward_cost(p), fwd, True,
-                     Gemm(tokens, st.C, k_dim, tokens * k_dim * e, st.C * k_dim * e, tokens * st.C * e,
-                          _gemm_peak(dtype))),
+        tokens, k_dim = st.batch * (st.H // st.sr) ** 2, st.C * st.sr ** 2
+        x_bytes = tokens * k_dim * e
+        fwd, bwd, recompute = conv_layer_norm_chains(tokens, st.C, k_dim, x_bytes, e, dtype)
+        cost = reduce_kv.forward_cost(p)
+        rows += [Row("reduce_kv fwd", st, dtype, cost, fwd, True, _gemm_of(cost, tokens, st.C, k_dim, x_bytes, e)),
                  Row("reduce_kv bwd", st, dtype, recompute, bwd, False)]
     p = sra_attention.Problem(st.batch, st.N, st.M, st.C, st.heads, dtype)
     rows += [Row("sra_attention fwd", st, dtype, sra_attention.forward_cost(p), unfused_attention(st, dtype, False),

@@ -373,9 +373,8 @@ def test_gaps_of_the_gemms_are_at_floors_over_the_limit(rows):
 
 def test_gemm_floor_by_hand():
     """One SM, and a problem one 128 x 256 tile covers: the floor is that tile, reading everything once."""
-    g = traffic.Gemm(rows=128, cols=256, inner=4096, a_bytes=128 * 4096 * 2, b_bytes=256 * 4096 * 2,
-                     out_bytes=128 * 256 * 2, peak="16-bit")
-    seconds = max((g.a_bytes + g.b_bytes + g.out_bytes) / traffic.L2_BANDWIDTH,
+    g = traffic.Gemm(rows=128, cols=256, inner=4096, a_bytes=128 * 4096 * 2, elem=2, peak="16-bit")
+    seconds = max((128 * 4096 * 2 + 256 * 4096 * 2 + 128 * 256 * 2) / traffic.L2_BANDWIDTH,
                   2 * 128 * 256 * 4096 / traffic.PEAK_FLOPS["16-bit"])
     assert traffic.gemm_floor(g, 1e-6, sms=1) == (pytest.approx(seconds / 1e-6), (128, 256, 1))
     # 132 SMs: the one tile would leave 131 idle (132 times as long); the floor splits the work instead
